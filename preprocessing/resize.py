@@ -1,0 +1,125 @@
+"""Decode a source image once and produce every requested square resolution from that decode.
+
+The output of every resolution is grayscale (mode ``L``), square and resized with Pillow's Lanczos
+filter from the WHOLE image: a non-square source is squashed to R x R, never cropped, so nothing
+near the border (costophrenic angles, apices) is lost and every resolution sees the same anatomy.
+
+Speed: a JPEG may be decoded at a reduced size by libjpeg's DCT scaling (``Image.draft``) as long as
+the reduced image is at least ``draft_factor`` times the largest requested resolution on both sides.
+tests/test_resize.py checks that the result stays within 50 dB PSNR of the full-decode reference
+(:func:`reference_resize`); with ``draft_factor=None`` the output equals the reference exactly.
+
+Conversions that change the pixel values are reported (never silent): colour images become ``L``
+with Pillow's ITU-R 601-2 luma transform, 16-bit / 32-bit images are scaled to 0..255 by their own
+minimum and maximum (a monotone window that keeps all contrast), other modes go through ``convert``.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+#: Reduced JPEG decode keeps the decoded size >= this factor x the largest resolution (tested: PSNR).
+DEFAULT_DRAFT_FACTOR = 2.0
+LANCZOS = Image.Resampling.LANCZOS
+
+
+class ImageRejected(Exception):
+    """The source image cannot be used; ``str(exc)`` is the reason written to rejects.csv."""
+
+
+@dataclass
+class Resized:
+    images: dict[int, np.ndarray]     # resolution -> (R, R) uint8
+    source_size: tuple[int, int]      # (width, height) of the source file
+    source_mode: str                  # Pillow mode of the source file ('L', 'RGB', 'I;16', ...)
+    conversion: str | None            # e.g. 'RGB->L', 'I;16->L (min-max scaled)'; None for 8-bit L
+    decoded_size: tuple[int, int]     # (width, height) actually decoded (smaller when draft was used)
+
+
+def _to_gray8(image: Image.Image) -> tuple[Image.Image, str | None]:
+    mode = image.mode
+    if mode == "L":
+        return image, None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros(arr.shape, np.uint8) if hi <= lo else \
+            np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L"), f"{mode}->L (min-max scaled)"
+    if mode in ("LA", "RGBA", "PA"):
+        # Transparency has no meaning for a radiograph; drop alpha before the luma transform.
+        image = image.convert("RGB") if mode != "LA" else image.getchannel(0)
+    return image.convert("L"), f"{mode}->L"
+
+
+def open_image(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, str, tuple[int, int]]:
+    """Decode ``data`` fully (or at a reduced JPEG scale >= ``draft_size``).
+
+    Returns (decoded image, source mode, source size). Undecodable or truncated data raises
+    :class:`ImageRejected` with the reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            source_mode, source_size = image.mode, image.size
+            if draft_size is not None and image.format == "JPEG":
+                # Ask libjpeg for L directly: for a colour JPEG it does the luma transform itself.
+                image.draft("L", draft_size)
+            image.load()
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombWarning as exc:
+        raise ImageRejected(f"image too large: {exc}") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in text.lower():
+            raise ImageRejected(f"truncated image: {text}") from None
+        raise ImageRejected(f"undecodable image: {text}") from None
+    return image, source_mode, source_size
+
+
+def resize_image(data: bytes, resolutions: Iterable[int],
+                 draft_factor: float | None = DEFAULT_DRAFT_FACTOR) -> Resized:
+    """Decode ``data`` once and return every resolution (grayscale, squashed square, Lanczos).
+
+    ``draft_factor=None`` decodes at full size: the result then equals :func:`reference_resize`.
+    """
+    resolutions = sorted({int(r) for r in resolutions}, reverse=True)
+    if not resolutions:
+        raise ValueError("no resolutions requested")
+    draft_size = None
+    if draft_factor is not None:
+        side = int(math.ceil(resolutions[0] * float(draft_factor)))
+        draft_size = (side, side)
+    image, source_mode, source_size = open_image(data, draft_size)
+    gray, conversion = _to_gray8(image)
+    if conversion is None and source_mode != "L":
+        conversion = f"{source_mode}->L"   # the JPEG decoder already converted (draft to 'L')
+    out = {}
+    try:
+        for r in resolutions:
+            out[r] = np.asarray(gray.resize((r, r), LANCZOS), dtype=np.uint8)
+    except Exception as exc:  # e.g. a zero-sized image
+        raise ImageRejected(f"cannot resize image: {exc}") from None
+    return Resized(images=out, source_size=source_size, source_mode=source_mode,
+                   conversion=conversion, decoded_size=gray.size)
+
+
+def reference_resize(data: bytes, resolution: int) -> np.ndarray:
+    """The definition the store is held to: full decode, grayscale, Lanczos to R x R."""
+    image, _, _ = open_image(data, None)
+    gray, _ = _to_gray8(image)
+    return np.asarray(gray.resize((resolution, resolution), LANCZOS), dtype=np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images (inf when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)

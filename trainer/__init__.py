@@ -1,0 +1,1 @@
+"""Stage 2: one trial (model, resolution, seed[, task]) trained and evaluated, resumable."""
