@@ -1,0 +1,575 @@
+"""``python -m orchestrator.sweep``: Ray Tune runs every (resolution, model, seed[, task]) trial,
+one GPU each, resumable from the trial ledger on storage.
+
+Flow: validate everything (grid, store, storage, cluster) -> write ``STORAGE/SWEEP/sweep.json`` ->
+register new trials in the ledger -> run what is not finished on Ray Tune (embedded local Ray by
+default, or ``--address``) -> print the results table (and run the aggregator when present).
+See docs/sweep.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import math
+import os
+import shlex
+import sys
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import IO, Any, Sequence
+
+from preprocessing import storage
+from preprocessing.cli import HelpFormatter, UserError, parse_int_list, run_cli
+from preprocessing.schema import DEFAULT_RESOLUTIONS, TASKS
+from orchestrator import grid as grid_mod
+from orchestrator import ledger
+from orchestrator.grid import DEFAULT_MODELS, DEFAULT_SEEDS, TrialParams
+from trainer.config import TrainConfig
+
+SWEEP_FILE = "sweep.json"
+TUNE_DIR = "tune"
+
+EPILOG = """examples:
+  # the thesis grid (5 resolutions x 5 models x 5 seeds = 125 trials), local GPUs
+  python -m orchestrator.sweep --resolutions 160,240,320,400,480 --store s3://bucket/store \\
+      --storage s3://bucket/sweeps --name thesis
+
+  # what would run, and an estimate of GPU hours; starts nothing
+  python -m orchestrator.sweep --resolutions 160,240,320,400,480 --store s3://bucket/store \\
+      --storage s3://bucket/sweeps --name thesis --dry-run
+
+  # on a cluster started by `ray up cluster.yaml` (from the head node)
+  python -m orchestrator.sweep --address auto --store s3://bucket/store --storage s3://bucket/sweeps \\
+      --name thesis
+
+  # a small CPU demo on the phantom store: 2 models, 1 seed, short epochs
+  python -m orchestrator.sweep --resolutions 160,240 --models resnet18,densenet121 --seeds 0 \\
+      --store demo/store --storage demo/sweeps --name demo --weights none --epochs-frozen 1 \\
+      --epochs 1 --max-train-studies 40 --cpus-per-trial 1
+
+  # re-run the same command (or add --resume) after a crash: only unfinished trials run,
+  # continuing from their newest checkpoint; finished trials are never run again
+"""
+
+#: TrainConfig fields the sweep sets itself (grid axes and dedicated flags).
+_GRID_FIELDS = {"model", "resolution", "seed", "task_mode", "task", "store"}
+_DEDICATED = {"tasks", "weights", "weights_dir", "epochs_frozen", "epochs_unfrozen",
+              "max_train_studies", "max_valid_studies", "workers"}
+
+
+@dataclass
+class SweepResult:
+    """What ``run_sweep`` did (tests and the CLI read this)."""
+    sweep_loc: str
+    trial_ids: list[str]
+    ran: list[str] = field(default_factory=list)
+    skipped_finished: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    exit_code: int = 0
+    run_id: str = ""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+# --- validation (everything that can fail does so before any trial starts) ----------------------
+def check_name(name: str) -> str:
+    name = str(name).strip()
+    if not name or name in (".", "..") or any(c in name for c in "/\\?#:") or name.startswith("."):
+        raise UserError(f"--name: {name!r} is not a valid sweep name (letters, digits, '-', '_')")
+    return name
+
+
+def open_and_check_store(store_loc: str, resolutions: Sequence[int], verify: bool,
+                         needed_tasks: Sequence[str]):
+    """The store, checked for every requested resolution (and verified unless told not to)."""
+    from preprocessing.manifest import verify_store
+    from preprocessing.store import StoreError, open_store
+    if not store_loc:
+        raise UserError("--store: no store location given")
+    store = open_store(store_loc, verify=False)
+    missing = [r for r in resolutions if int(r) not in store.resolutions]
+    if missing:
+        raise StoreError(f"store {storage.display(store_loc)} lacks resolution(s) "
+                         f"{', '.join(map(str, missing))} (it has {', '.join(map(str, store.resolutions))});"
+                         f" build them with python -m preprocessing build --resolutions ...")
+    absent = [t for t in needed_tasks if t not in store.tasks]
+    if absent:
+        raise StoreError(f"store {storage.display(store_loc)} has no labels for {', '.join(absent)}")
+    if verify:
+        for r in resolutions:
+            problems = verify_store(store_loc, resolution=int(r))
+            if problems:
+                more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise StoreError(f"store {storage.display(store_loc)} does not verify at {r} px: "
+                                 f"{problems[0]}{more}")
+    return store
+
+
+def check_storage(sweep_loc: str) -> None:
+    try:
+        storage.check_writable(sweep_loc)
+    except storage.StorageError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    except Exception as exc:  # bad URIs raise several pyarrow types
+        raise UserError(f"storage location {storage.display(sweep_loc)} is not usable: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+# --- the grid and its trial ids ------------------------------------------------------------------
+@dataclass
+class Trial:
+    trial_id: str
+    params: TrialParams
+    config: TrainConfig
+
+
+def plan_trials(points: list[TrialParams], base: TrainConfig, manifest_hash: str) -> list[Trial]:
+    out = []
+    for p in points:
+        cfg = grid_mod.trial_config(p, base)
+        out.append(Trial(trial_id=cfg.trial_id(manifest_hash), params=p, config=cfg))
+    return out
+
+
+def write_sweep_file(sweep_loc: str, *, name: str, store_loc: str, manifest_hash: str,
+                     trials: list[Trial], base: TrainConfig, axes: dict, command: str,
+                     run_id: str) -> dict:
+    """sweep.json: the current grid plus every trial any invocation of this sweep registered."""
+    loc = storage.join(sweep_loc, SWEEP_FILE)
+    try:
+        old = storage.read_json(loc)
+    except FileNotFoundError:
+        old = {}
+    all_trials = dict(old.get("all_trials", {}))
+    for t in trials:
+        all_trials[t.trial_id] = t.params.as_dict()
+    doc = {
+        "format_version": 1, "name": name, "store": storage.display(store_loc),
+        "store_location": store_loc, "manifest_hash": manifest_hash,
+        "grid": axes, "base_config": {k: v for k, v in base.to_dict().items() if k not in _GRID_FIELDS},
+        "trial_ids": [t.trial_id for t in trials],
+        "trials": {t.trial_id: t.params.as_dict() for t in trials},
+        "all_trials": all_trials,
+        "command": command, "created": old.get("created", now_iso()), "updated": now_iso(),
+        "runs": (old.get("runs", []) + [{"run_id": run_id, "started": now_iso(), "command": command,
+                                          "trials": len(trials)}])[-100:],
+    }
+    storage.write_json(loc, doc)
+    return doc
+
+
+# --- output ---------------------------------------------------------------------------------------
+def results_table(entries: dict[str, dict], trial_ids: list[str]) -> str:
+    """Mean best AUROC (mean over tasks, then over seeds) per model (rows) and resolution (columns)."""
+    cells: dict[tuple[str, int], list[float]] = {}
+    states: dict[str, int] = {}
+    for tid in trial_ids:
+        e = entries.get(tid) or {}
+        states[e.get("state", "pending")] = states.get(e.get("state", "pending"), 0) + 1
+        p = e.get("params") or {}
+        r = (e.get("result") or {}).get("best_auroc_mean")
+        if e.get("state") == "finished" and isinstance(r, (int, float)) and not math.isnan(r):
+            cells.setdefault((p.get("model", "?"), int(p.get("resolution", 0))), []).append(r)
+    if not cells:
+        return "no finished trials yet"
+    models = sorted({m for m, _ in cells}, key=lambda m: (m.startswith("efficientnet"), m))
+    resolutions = sorted({r for _, r in cells})
+    eff = [m for m in models if m.startswith("efficientnet")]
+    rows = [m for m in models if not m.startswith("efficientnet")] + (["efficientnet"] if eff else [])
+
+    def cell(model: str, res: int) -> str:
+        vals = (cells.get((model, res)) if model != "efficientnet"
+                else [v for m in eff for v in cells.get((m, res), [])])
+        if not vals:
+            return "-"
+        return f"{sum(vals) / len(vals):.4f} (n={len(vals)})"
+
+    width = max(len(r) for r in rows) + 2
+    lines = ["mean best validation AUROC (mean over tasks and seeds)",
+             "model".ljust(width) + "".join(f"{str(r) + ' px':>16}" for r in resolutions)]
+    for m in rows:
+        lines.append(m.ljust(width) + "".join(f"{cell(m, r):>16}" for r in resolutions))
+    return "\n".join(lines)
+
+
+def run_aggregator(sweep_loc: str, out_dir: str, out: IO[str]) -> None:
+    try:
+        from orchestrator import aggregate as agg
+    except ImportError:
+        print("aggregator (orchestrator.aggregate) is not installed: skipped the report", file=out)
+        return
+    fn = getattr(agg, "aggregate", None)
+    if fn is None:
+        print("orchestrator.aggregate has no aggregate(): skipped the report", file=out)
+        return
+    try:
+        produced = fn(sweep_loc, out_dir)
+    except UserError as exc:
+        print(f"aggregation failed: {exc}", file=out)
+        return
+    if isinstance(produced, str) and "\n" in produced:
+        print(produced, file=out)
+    print(f"report: {out_dir}", file=out)
+
+
+def dry_run_report(trials: list[Trial], plan: ledger.Plan, store, base: TrainConfig,
+                   gpus_per_trial: float) -> str:
+    from orchestrator import estimate as est
+    counts = store.manifest.get("counts", {}).get("per_split", {})
+    train_images = int(counts.get("train", {}).get("stored", 0))
+    valid_images = int(counts.get("valid", {}).get("stored", 0))
+    train_n, valid_n = est.epoch_images(train_images, valid_images, base.max_train_studies,
+                                        base.max_valid_studies)
+    to_run = set(plan.to_run)
+    e_all = est.estimate([(t.params.model, t.params.resolution) for t in trials], base.total_epochs,
+                         train_n, valid_n, gpus_per_trial)
+    e_left = est.estimate([(t.params.model, t.params.resolution) for t in trials
+                           if t.trial_id in to_run], base.total_epochs, train_n, valid_n,
+                          gpus_per_trial)
+    lines = [f"{len(trials)} trials: {len(plan.finished)} finished, {len(plan.to_run)} to run "
+             f"({len(plan.resumed)} of them resume from storage)",
+             f"per trial: {base.total_epochs} epochs x {train_n:,} train + {valid_n:,} valid images"
+             f" (store: {train_images:,} / {valid_images:,})", "",
+             "group                         trials  est. img/s (H100)  est. GPU-h"]
+    for (model, res), g in sorted(e_all.per_group.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"{model + ' @ ' + str(res) + ' px':<30}{g['trials']:>6}  {g['images_per_s']:>17,.0f}"
+                     f"  {g['gpu_hours']:>10.2f}")
+    lines += ["", f"estimated GPU-hours: {e_all.gpu_hours:.1f} for the whole grid, "
+              f"{e_left.gpu_hours:.1f} still to run "
+              f"(an ESTIMATE from the throughput table in docs/sweep.md, not a measurement)", "",
+              "trials:"]
+    fin = set(plan.finished)
+    for t in trials:
+        lines.append(f"  {'finished' if t.trial_id in fin else 'to run  '}  {t.trial_id}")
+    return "\n".join(lines)
+
+
+# --- the run --------------------------------------------------------------------------------------
+def _resources_per_trial(handle, cpus_per_trial: float, gpus_per_trial: float, out: IO[str]) -> dict:
+    gpus = float(gpus_per_trial)
+    if gpus > 0 and handle.total_gpus == 0:
+        print("the Ray cluster has no GPUs: running trials on CPUs "
+              f"({cpus_per_trial:g} CPU each)", file=out, flush=True)
+        gpus = 0.0
+    if handle.mode == "embedded":
+        import ray
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if cpus_per_trial > node_cpus:
+            raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: the local Ray has only "
+                            f"{node_cpus:g} CPUs")
+        node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if gpus > node_gpus:
+            raise UserError(f"--gpus-per-trial {gpus:g}: the local Ray has only {node_gpus:g} GPUs")
+    res = {"cpu": float(cpus_per_trial)}
+    if gpus > 0:
+        res["gpu"] = gpus
+    return res
+
+
+def _slots(handle, res: dict) -> int:
+    import ray
+    total = 0
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        r = n["Resources"]
+        k = int(r.get("CPU", 0) // res["cpu"]) if res["cpu"] > 0 else 10**6
+        if res.get("gpu"):
+            k = min(k, int(r.get("GPU", 0) / res["gpu"] + 1e-9))
+        total += k
+    return max(1, total)
+
+
+def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name: str,
+              models: Sequence[str] = DEFAULT_MODELS, seeds: Sequence[int] = DEFAULT_SEEDS,
+              task_mode: str = "multi", tasks: Sequence[str] | None = None,
+              config: TrainConfig | dict | None = None, address: str | None = None,
+              cpus_per_trial: float = 1, gpus_per_trial: float = 1, max_failures: int = 2,
+              dry_run: bool = False, verify_store: bool = True, trial_fn: Any = None,
+              num_cpus: int | None = None, num_gpus: int | None = None,
+              progress_interval: float = 30.0, aggregate: bool = True,
+              results_dir: str | None = None, command: str = "", out: IO[str] | None = None,
+              max_concurrent_trials: int | None = None) -> SweepResult:
+    """Run (or dry-run) a sweep; see the module docstring. Bad input raises UserError before any
+    trial starts. ``config``: the base TrainConfig (or overrides of its defaults) every trial
+    shares; ``trial_fn``: a callable or ``"module:function"`` replacing trainer.train.run_trial.
+    ``num_cpus``/``num_gpus`` size the embedded local Ray (ignored when joining a cluster)."""
+    out = out or sys.stdout
+    name = check_name(name)
+    if cpus_per_trial <= 0:
+        raise UserError(f"--cpus-per-trial: {cpus_per_trial} is not positive")
+    if gpus_per_trial < 0 or (gpus_per_trial > 1 and gpus_per_trial != int(gpus_per_trial)):
+        raise UserError(f"--gpus-per-trial: {gpus_per_trial:g} must be 0, a fraction below 1 "
+                        f"(e.g. 0.5) or a whole number")
+    if max_failures < 0:
+        raise UserError(f"--max-failures: {max_failures} is negative")
+
+    tasks = list(tasks) if tasks else None
+    if isinstance(config, TrainConfig):
+        base = config
+    else:
+        overrides = dict(config or {})
+        if tasks and task_mode == "multi":
+            overrides["tasks"] = tasks
+        base = TrainConfig.from_dict(overrides)
+    if tasks and task_mode == "multi" and tuple(tasks) != tuple(base.tasks):
+        base = TrainConfig.from_dict({"tasks": tasks}, base=base)
+    base = TrainConfig.from_dict({"store": store, "task_mode": "multi", "task": ""}, base=base)
+    task_axis = tasks or list(TASKS)
+    points = grid_mod.build_grid(list(resolutions), list(models), list(seeds), task_mode,
+                                 task_axis)
+    needed = task_axis if task_mode == "single" else list(base.tasks)
+    st = open_and_check_store(store, sorted({p.resolution for p in points}), verify_store, needed)
+    sweep_loc = storage.join(storage_loc, name)
+    trials = plan_trials(points, base, st.manifest_hash)
+    ids = [t.trial_id for t in trials]
+    if dry_run:
+        entries = ledger.read_all(sweep_loc) if storage.exists(sweep_loc) else {}
+    else:
+        check_storage(sweep_loc)
+        entries = ledger.read_all(sweep_loc)
+    plan = ledger.plan(sweep_loc, ids, entries)
+    result = SweepResult(sweep_loc=sweep_loc, trial_ids=ids, dry_run=dry_run)
+    if dry_run:
+        print(f"sweep {name} at {storage.display(sweep_loc)}; store {storage.display(store)} "
+              f"(manifest {st.manifest_hash[:12]})", file=out)
+        print(dry_run_report(trials, plan, st, base, gpus_per_trial), file=out, flush=True)
+        result.skipped_finished = plan.finished
+        return result
+
+    run_id = new_run_id()
+    result.run_id = run_id
+    axes = {"resolutions": sorted({p.resolution for p in points}), "models": list(models),
+            "seeds": list(seeds), "task_mode": task_mode,
+            "tasks": task_axis if task_mode == "single" else list(base.tasks)}
+    write_sweep_file(sweep_loc, name=name, store_loc=store, manifest_hash=st.manifest_hash,
+                     trials=trials, base=base, axes=axes, command=command, run_id=run_id)
+    by_id = {t.trial_id: t for t in trials}
+    for tid in plan.finished:   # the folder holds result.json but the worker died before the ledger
+        ledger.adopt_finished(sweep_loc, tid)
+    for tid in plan.to_run:
+        ledger.register(sweep_loc, tid, by_id[tid].params.as_dict(), run_id)
+    result.skipped_finished = list(plan.finished)
+    print(f"sweep {name}: {len(ids)} trials, {len(plan.finished)} already finished, "
+          f"{len(plan.to_run)} to run ({len(plan.resumed)} resume from storage); "
+          f"storage {storage.display(sweep_loc)}", file=out, flush=True)
+
+    if plan.to_run:
+        _run_on_ray(sweep_loc=sweep_loc, run_id=run_id, trials=[by_id[t] for t in plan.to_run],
+                    all_trials=trials, finished=plan.finished, address=address,
+                    cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                    max_failures=max_failures, trial_fn=trial_fn, num_cpus=num_cpus,
+                    num_gpus=num_gpus, progress_interval=progress_interval, out=out,
+                    max_concurrent_trials=max_concurrent_trials)
+    result.ran = list(plan.to_run)
+
+    entries = ledger.read_all(sweep_loc)
+    for tid in plan.to_run:   # a worker may have died after result.json but before the ledger
+        if entries.get(tid, {}).get("state") != "finished" and ledger.effective_state(
+                entries.get(tid), sweep_loc, tid) == "finished":
+            ledger.adopt_finished(sweep_loc, tid)
+    entries = ledger.read_all(sweep_loc)
+    result.finished = [t for t in ids if entries.get(t, {}).get("state") == "finished"]
+    result.failed = [t for t in ids if t not in set(result.finished)]
+    print(results_table(entries, ids), file=out)
+    if result.failed:
+        print(f"{len(result.failed)} of {len(ids)} trials did not finish "
+              f"({', '.join(result.failed[:5])}{' ...' if len(result.failed) > 5 else ''}); "
+              f"errors are in {storage.display(storage.join(sweep_loc, 'ledger'))}; re-run the same "
+              f"command to continue them from their checkpoints", file=out, flush=True)
+        result.exit_code = 1
+    elif aggregate:
+        run_aggregator(sweep_loc, results_dir or os.path.join("results", name), out)
+    return result
+
+
+def _run_on_ray(*, sweep_loc, run_id, trials, all_trials, finished, address, cpus_per_trial,
+                gpus_per_trial, max_failures, trial_fn, num_cpus, num_gpus, progress_interval,
+                out, max_concurrent_trials) -> None:
+    # The legacy output engine at verbose=0 prints nothing; the new one still draws its header.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    from ray import tune
+    from orchestrator.local_ray import ray_session
+    from orchestrator.progress import SweepProgress
+    from orchestrator.trainable import make_trainable, trial_name, trial_spec
+
+    with ray_session(address, num_cpus=num_cpus, num_gpus=num_gpus) as handle:
+        res = _resources_per_trial(handle, cpus_per_trial, gpus_per_trial, out)
+        slots = _slots(handle, res)
+        if max_concurrent_trials:
+            slots = min(slots, max_concurrent_trials)
+        where = {"embedded": f"a private local Ray (run dir {handle.run_dir})",
+                 "cluster": f"the Ray cluster at {handle.address}"}.get(
+                     handle.mode, f"the Ray already running in this process ({handle.address})")
+        print(f"running {len(trials)} trials on {where}: {handle.total_cpus:g} CPUs, "
+              f"{handle.total_gpus:g} GPUs; per trial {res}; up to {slots} at once",
+              file=out, flush=True)
+        specs = []
+        for t in trials:
+            cfg = t.config
+            if cfg.workers == -1:   # loader workers within the trial's CPU share (not in the trial id)
+                cfg = dataclasses.replace(cfg, workers=max(0, min(8, int(cpus_per_trial) - 1)))
+            specs.append(trial_spec(t.trial_id, cfg.to_dict(), sweep_loc, run_id, t.params.as_dict()))
+        progress = SweepProgress(
+            {t.trial_id: {"resolution": t.params.resolution, "model": t.params.model,
+                          "total_epochs": t.config.total_epochs} for t in all_trials},
+            finished=finished, slots=slots, interval=progress_interval, out=out, sweep_loc=sweep_loc)
+        fs, path = storage.resolve(storage.join(sweep_loc, TUNE_DIR))
+        trainable = tune.with_resources(make_trainable(trial_fn), res)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(num_samples=1, trial_name_creator=trial_name,
+                                        trial_dirname_creator=trial_name, reuse_actors=False,
+                                        max_concurrent_trials=max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name=run_id, storage_path=path, storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                callbacks=[progress], verbose=0, log_to_file=True),
+        )
+        progress.maybe_status(force=True)
+        import time as _t; print("FIT", _t.time(), file=out)
+        tuner.fit()
+        print("FITEND", _t.time(), file=out)   # trial errors are in the ledger; the driver reads the ledger afterwards
+
+
+# --- command line -----------------------------------------------------------------------------------
+def _field_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true/false")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the grid")
+    g.add_argument("--resolutions", default=",".join(map(str, DEFAULT_RESOLUTIONS)),
+                   help="comma-separated square input sizes (px); each must be in the store")
+    g.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help="comma-separated trainer.models names; 'efficientnet' = matched to resolution")
+    g.add_argument("--seeds", default="0-4", help="seeds: '0-4', '0,1,2' or '0-2,7'")
+    g.add_argument("--task-mode", default="multi", choices=["multi", "single"],
+                   help="multi: one model per grid point for all tasks; single: one per task")
+    g.add_argument("--tasks", default=None,
+                   help=f"comma-separated tasks (default all: {', '.join(TASKS)})")
+    w = p.add_argument_group("where")
+    w.add_argument("--store", required=False, default=None,
+                   help="store location (path or s3://...) built by python -m preprocessing build")
+    w.add_argument("--storage", required=False, default=None,
+                   help="where sweeps live (path or s3://...); this sweep is STORAGE/NAME")
+    w.add_argument("--name", default=None, help="sweep name (a folder below --storage)")
+    w.add_argument("--address", default=None,
+                   help="Ray cluster to join (HOST:PORT or 'auto' on a head node); default: "
+                        "RAY_ADDRESS, else a private local Ray started for this run")
+    w.add_argument("--results-dir", default=None, help="aggregated report folder (default results/NAME)")
+    r = p.add_argument_group("resources and retries")
+    r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
+    r.add_argument("--gpus-per-trial", type=float, default=1.0,
+                   help="GPUs per trial (1 = one GPU each; 0.5 packs two trials on a GPU, "
+                        "no memory isolation); ignored on a cluster without GPUs")
+    r.add_argument("--max-failures", type=int, default=2,
+                   help="in-run retries of a crashed trial (each continues from its checkpoint)")
+    r.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default all)")
+    r.add_argument("--num-gpus", type=int, default=None, help="GPUs of the embedded local Ray (default all)")
+    m = p.add_argument_group("mode")
+    m.add_argument("--resume", action="store_true",
+                   help="explicit spelling of the default: run only what is not finished")
+    m.add_argument("--dry-run", action="store_true",
+                   help="print the grid, finished trials and a GPU-hour estimate; start nothing")
+    m.add_argument("--no-verify-store", action="store_true",
+                   help="skip checking the store's shard checksums before starting")
+    m.add_argument("--no-aggregate", action="store_true", help="do not build the report afterwards")
+    m.add_argument("--progress-interval", type=float, default=30.0,
+                   help="seconds between progress summaries (events print as they happen)")
+    t = p.add_argument_group("training (every trial; defaults = PROTOCOL.md; see trainer.config)")
+    t.add_argument("--config", default=None, help="TrainConfig file (JSON/YAML); flags override it")
+    t.add_argument("--weights", default=None, help="imagenet | none | path to a state_dict")
+    t.add_argument("--weights-dir", default=None, help="local ImageNet weight cache")
+    t.add_argument("--epochs-frozen", type=int, default=None, help="stage-1 epochs (body frozen)")
+    t.add_argument("--epochs", "--epochs-unfrozen", dest="epochs_unfrozen", type=int, default=None,
+                   help="stage-2 epochs (everything trains)")
+    t.add_argument("--max-train-studies", type=int, default=None, help="0 = all")
+    t.add_argument("--max-valid-studies", type=int, default=None, help="0 = all")
+    t.add_argument("--workers", type=int, default=None,
+                   help="loader workers per trial (default: cpus-per-trial - 1, at most 8)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _GRID_FIELDS or f.name in _DEDICATED:
+            continue
+        hint = hints[f.name]
+        kind = (_parse_bool if hint is bool else int if hint is int else float if hint is float
+                else str)
+        t.add_argument(_field_flag(f.name), dest=f.name, type=kind, default=None,
+                       metavar="BOOL" if hint is bool else None,
+                       help=f"TrainConfig.{f.name} (default {f.default!r})")
+
+
+def config_overrides(args: argparse.Namespace) -> TrainConfig:
+    base = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _GRID_FIELDS or f.name == "tasks":   # --tasks is handled by run_sweep
+            continue
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return TrainConfig.from_dict(values, base=base) if values else base
+
+
+def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    for flag, value in (("--store", args.store), ("--storage", args.storage), ("--name", args.name)):
+        if not value:
+            raise UserError(f"{flag} is required")
+    resolutions = parse_int_list(args.resolutions, "--resolutions")
+    models = grid_mod.parse_names(args.models, "--models")
+    seeds = grid_mod.parse_seeds(args.seeds)
+    tasks = grid_mod.parse_names(args.tasks, "--tasks") if args.tasks else None
+    base = config_overrides(args)
+    command = " ".join(shlex.quote(a) for a in (["python", "-m", "orchestrator.sweep"]
+                                                 + list(getattr(args, "_argv", []) or [])))
+    res = run_sweep(resolutions=resolutions, store=args.store, storage_loc=args.storage,
+                    name=args.name, models=models, seeds=seeds, task_mode=args.task_mode,
+                    tasks=tasks, config=base, address=args.address,
+                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                    max_failures=args.max_failures, dry_run=args.dry_run,
+                    verify_store=not args.no_verify_store, num_cpus=args.num_cpus,
+                    num_gpus=args.num_gpus, progress_interval=args.progress_interval,
+                    aggregate=not args.no_aggregate, results_dir=args.results_dir,
+                    command=command, out=out, max_concurrent_trials=args.max_concurrent)
+    return res.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep",
+                                description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=HelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args._argv = argv
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="orchestrator.sweep"))

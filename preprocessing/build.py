@@ -1,0 +1,520 @@
+"""``python -m preprocessing build``: CheXpert-format CSVs + images -> the sharded Parquet store.
+
+Each shard (a fixed slice of the sorted input rows of one split) is one Ray task: it decodes each
+source image once, makes every resolution from that decode, and writes one Parquet file per
+resolution, each atomically (temporary name + rename, or one S3 PUT), then a done-record with the
+files' sizes and checksums. A rerun after a crash plans the same shards, skips those whose
+done-record and files match, and builds the rest. ``manifest.json`` is written last.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import posixpath
+import secrets
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import preprocessing
+from preprocessing import storage
+from preprocessing.cli import UserError, parse_int_list
+from preprocessing.encoding import DEFAULT_ENCODING, ENCODINGS, PARQUET_COMPRESSION, encode_image
+from preprocessing.manifest import FORMAT_VERSION, manifest_hash, sha256_bytes
+from preprocessing.resize import DEFAULT_DRAFT_FACTOR, ImageRejected, resize_image
+from preprocessing.schema import (DEFAULT_RESOLUTIONS, MANIFEST_NAME, REJECTS_NAME, SPLITS, TASKS,
+                                  label_column, raw_column, shard_dir)
+
+HELP = "Build the Parquet store: every resolution from one decode per image, as Ray tasks."
+EPILOG = """examples:
+  python -m preprocessing build --image-root demo/phantom --csv demo/phantom/train.csv \\
+      --csv demo/phantom/valid.csv --out demo/store
+  python -m preprocessing build --image-root /data/chexpert --csv /data/chexpert/train.csv \\
+      --csv /data/chexpert/valid.csv --out s3://bucket/stores/chexpert --address auto --strict
+  python -m preprocessing build ... --resolutions 160,320 --policy Atelectasis=zeros --no-ray
+
+A rerun with the same arguments after a crash finishes only the missing shards.
+Rejected rows (missing/undecodable images, bad paths, label-stage rejects) go to STORE/rejects.csv.
+"""
+
+DEFAULT_SHARD_SIZE = 256
+BUILD_DIR = "_build"          # per-shard done-records (restart bookkeeping)
+PHANTOM_MARKER = "phantom.json"
+
+STRING_COLUMNS = ("image_id", "study_id", "patient_id", "split", "view", "ap_pa")
+
+
+def row_schema(tasks: Iterable[str] = TASKS) -> pa.Schema:
+    """The store's row schema (docs/architecture.md)."""
+    fields = [pa.field(c, pa.string()) for c in STRING_COLUMNS]
+    for t in tasks:
+        fields.append(pa.field(raw_column(t), pa.float32()))
+    for t in tasks:
+        fields.append(pa.field(label_column(t), pa.float32()))
+    fields += [pa.field("image", pa.binary()), pa.field("height", pa.int32()),
+               pa.field("width", pa.int32())]
+    return pa.schema(fields)
+
+
+def write_parquet(table: pa.Table, sink, encoding: str) -> None:
+    """How every shard is written: no min/max statistics on ``image`` (they would copy whole blobs
+    into the footer), small row groups so a reader can stream a shard."""
+    pq.write_table(table, sink, compression=PARQUET_COMPRESSION[encoding], row_group_size=64,
+                   write_statistics=[n for n in table.schema.names if n != "image"])
+
+
+# --- one shard: runs inside a Ray task (or in-process) ---------------------------------------
+
+@dataclass
+class ShardSpec:
+    out: str
+    split: str
+    index: int
+    key: str                      # sha256 of everything that determines the shard's content
+    rows: list[dict]              # metadata of each row (no pixels), in store order
+    image_root: str
+    resolutions: list[int]
+    encoding: str
+    draft_factor: float | None
+    tasks: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+    def file_path(self, resolution: int) -> str:
+        return f"{shard_dir(resolution, self.split)}/{self.name}.parquet"
+
+    @property
+    def record_path(self) -> str:
+        return f"{BUILD_DIR}/{self.split}/{self.name}.json"
+
+
+def _image_location(image_root: str, image_id: str) -> str:
+    if storage.is_remote(image_root):
+        return storage.join(image_root, image_id)
+    return os.path.join(image_root, image_id)
+
+
+def build_shard(spec: ShardSpec) -> dict:
+    """Decode, resize, encode and write one shard; returns its done-record (small metadata only)."""
+    columns: dict[int, dict[str, list]] = {r: {"image": [], "keep": []} for r in spec.resolutions}
+    rejects, conversions, kept = [], [], []
+    for i, row in enumerate(spec.rows):
+        try:
+            try:
+                data = storage.read_bytes(_image_location(spec.image_root, row["image_id"]))
+            except (FileNotFoundError, IsADirectoryError):
+                raise ImageRejected("missing image file") from None
+            except (storage.StorageError, OSError) as exc:
+                raise ImageRejected(f"unreadable image file: {exc}") from None
+            result = resize_image(data, spec.resolutions, spec.draft_factor)
+        except ImageRejected as exc:
+            rejects.append({"csv": row["source_csv"], "row": row["source_row"],
+                            "path": row["image_id"], "reason": str(exc)})
+            continue
+        if result.conversion:
+            conversions.append({"path": row["image_id"], "conversion": result.conversion})
+        kept.append(i)
+        for r in spec.resolutions:
+            columns[r]["image"].append(encode_image(result.images[r], spec.encoding))
+    schema = row_schema(spec.tasks)
+    base = {c: [spec.rows[i][c] for i in kept] for c in schema.names if c not in ("image", "height", "width")}
+    files = []
+    for r in spec.resolutions:
+        table = pa.table({**base, "image": columns[r]["image"], "height": [r] * len(kept),
+                          "width": [r] * len(kept)}, schema=schema)
+        buf = io.BytesIO()
+        write_parquet(table, buf, spec.encoding)
+        data = buf.getvalue()
+        storage.write_bytes(storage.join(spec.out, spec.file_path(r)), data)
+        files.append({"path": spec.file_path(r), "resolution": r, "split": spec.split,
+                      "rows": len(kept), "bytes": len(data), "sha256": sha256_bytes(data)})
+    record = {"key": spec.key, "split": spec.split, "index": spec.index, "rows": len(spec.rows),
+              "stored": len(kept), "files": files, "rejects": rejects, "conversions": conversions}
+    # The done-record goes last: files without a matching record are rebuilt on the next run.
+    storage.write_json(storage.join(spec.out, spec.record_path), record)
+    return record
+
+
+def shard_is_done(spec: ShardSpec) -> dict | None:
+    """The shard's done-record when it and every file it lists are in place, else None.
+
+    Files are written atomically, so a file of the recorded size is a complete one; the full
+    sha256 check is ``verify``'s job (it would re-read the whole store on every restart).
+    """
+    try:
+        record = storage.read_json(storage.join(spec.out, spec.record_path))
+    except (FileNotFoundError, ValueError, storage.StorageError):
+        return None
+    if record.get("key") != spec.key:
+        return None
+    for f in record.get("files", []):
+        fs, path = storage.resolve(storage.join(spec.out, f["path"]))
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File or info.size != f["bytes"]:
+            return None
+    if sorted(f["resolution"] for f in record.get("files", [])) != sorted(spec.resolutions):
+        return None
+    return record
+
+
+# --- planning -----------------------------------------------------------------------------
+
+def _json_value(v):
+    if v is None:
+        return None
+    if isinstance(v, (float, np.floating)):
+        return None if np.isnan(v) else float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    return v
+
+
+def _escapes_root(image_root: str, image_id: str) -> bool:
+    if not image_id or image_id.startswith(("/", "\\")) or os.path.isabs(image_id) or ":" in image_id.split("/")[0]:
+        return True
+    if storage.is_remote(image_root):
+        norm = posixpath.normpath(image_id)
+        return norm == ".." or norm.startswith("../")
+    root = os.path.realpath(image_root)
+    full = os.path.realpath(os.path.join(root, image_id))
+    return not (full == root or full.startswith(root.rstrip(os.sep) + os.sep))
+
+
+def split_of(path: str, csv_name: str) -> str:
+    """The split rule of docs/architecture.md: a train/valid component of Path, else the CSV stem."""
+    for part in str(path).replace("\\", "/").split("/"):
+        if part in SPLITS:
+            return part
+    return os.path.splitext(os.path.basename(csv_name))[0]
+
+
+def plan_shards(rows: list[dict], out: str, image_root: str, resolutions: list[int], encoding: str,
+                draft_factor: float | None, tasks: list[str], shard_size: int) -> list[ShardSpec]:
+    """Deterministic shards: rows sorted by (split, image_id), cut every ``shard_size`` rows."""
+    rows = sorted(rows, key=lambda r: (r["split"], r["image_id"]))
+    specs = []
+    for split in sorted({r["split"] for r in rows}):
+        split_rows = [r for r in rows if r["split"] == split]
+        for index, start in enumerate(range(0, len(split_rows), shard_size)):
+            chunk = split_rows[start:start + shard_size]
+            key = hashlib.sha256(json.dumps(
+                {"format_version": FORMAT_VERSION, "rows": chunk, "resolutions": resolutions,
+                 "encoding": encoding, "draft_factor": draft_factor, "tasks": tasks,
+                 "image_root": os.path.abspath(image_root) if not storage.is_remote(image_root) else image_root},
+                sort_keys=True, default=str).encode()).hexdigest()
+            specs.append(ShardSpec(out=out, split=split, index=index, key=key, rows=chunk,
+                                   image_root=image_root, resolutions=resolutions, encoding=encoding,
+                                   draft_factor=draft_factor, tasks=tasks))
+    return specs
+
+
+# --- running the shards -------------------------------------------------------------------
+
+def _run_in_process(specs: list[ShardSpec]) -> Iterator[dict]:
+    for spec in specs:
+        yield build_shard(spec)
+
+
+def _run_on_ray(specs: list[ShardSpec], address: str | None, num_cpus: int | None) -> Iterator[dict]:
+    """Run shards as Ray tasks; starts a private local Ray unless one is running or ``address`` is given."""
+    import ray
+
+    started, tmp, saved_env = False, None, {}
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        else:
+            # Embedded Ray: its session files and auth token live in a private (0700) folder.
+            # Its token is private too (Ray would otherwise write ~/.ray/auth_token, mode 0644).
+            tmp = tempfile.mkdtemp(prefix="cxr-ray-")
+            token = os.path.join(tmp, "auth_token")
+            fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            overrides = {"RAY_AUTH_TOKEN_PATH": token}
+            if "RAY_USAGE_STATS_ENABLED" not in os.environ:
+                overrides["RAY_USAGE_STATS_ENABLED"] = "0"
+            for var, value in overrides.items():
+                saved_env[var] = os.environ.get(var)
+                os.environ[var] = value
+            here = os.path.dirname(os.path.dirname(os.path.abspath(preprocessing.__file__)))
+            pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=num_cpus, _temp_dir=os.path.join(tmp, "r"), include_dashboard=False,
+                     logging_level="ERROR", log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        started = True
+    try:
+        task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+        pending = [task.remote(s) for s in specs]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                yield ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()
+            for var, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = value
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the whole build ----------------------------------------------------------------------
+
+def _load_labels(csvs, policy):
+    from preprocessing import labels  # the label stage (another module, same package)
+    if isinstance(policy, str):
+        policy = labels.parse_policy(policy)
+    return labels.read_labels(list(csvs), policy=policy)
+
+
+def _reject_dict(r) -> dict:
+    return {"csv": str(r.csv), "row": int(r.row), "path": str(r.path), "reason": str(r.reason)}
+
+
+def _write_rejects(out: str, rejects: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["csv", "row", "path", "reason"], lineterminator="\n")
+    writer.writeheader()
+    for r in sorted(rejects, key=lambda r: (r["csv"], r["row"], r["path"])):
+        writer.writerow(r)
+    storage.write_bytes(storage.join(out, REJECTS_NAME), buf.getvalue().encode("utf-8"))
+
+
+def _remove_stale(out: str, specs: list[ShardSpec], resolutions: list[int]) -> None:
+    """Delete shard files and done-records of an earlier plan (another shard size, fewer rows)."""
+    wanted = {s.file_path(r) for s in specs for r in resolutions} | {s.record_path for s in specs}
+    splits = sorted({s.split for s in specs} | set(SPLITS))
+    for split in splits:
+        folders = [shard_dir(r, split) for r in resolutions] + [f"{BUILD_DIR}/{split}"]
+        for folder in folders:
+            for name in storage.listdir(storage.join(out, folder)):
+                rel = f"{folder}/{name}"
+                if name.startswith("shard-") and rel not in wanted:
+                    storage.delete(storage.join(out, rel))
+
+
+def _dataset_info(image_root: str) -> tuple[str, dict | None]:
+    marker = _image_location(image_root, PHANTOM_MARKER)
+    if storage.exists(marker):
+        try:
+            return "phantom", storage.read_json(marker)
+        except ValueError:
+            return "phantom", {"error": f"{PHANTOM_MARKER} is not valid JSON"}
+    return "chexpert", None
+
+
+def build_store(image_root: str, csvs: Iterable[str], out: str,
+                resolutions: Iterable[int] = DEFAULT_RESOLUTIONS, policy: dict | str | None = None,
+                shard_size: int = DEFAULT_SHARD_SIZE, address: str | None = None,
+                num_cpus: int | None = None, strict: bool = False, progress: bool = True,
+                use_ray: bool = True, encoding: str = DEFAULT_ENCODING,
+                draft_factor: float | None = DEFAULT_DRAFT_FACTOR,
+                on_shard: Callable[[dict], None] | None = None) -> dict:
+    """Build (or finish) the store at ``out`` and return its manifest.
+
+    ``use_ray=False`` builds the shards one after another in this process (tests, debugging).
+    ``draft_factor=None`` decodes every JPEG at full size (slower, bit-exact to the reference).
+    ``strict=True`` raises UserError when any row is rejected (no manifest is written then).
+    """
+    csvs = [str(c) for c in csvs]
+    resolutions = sorted({int(r) for r in resolutions})
+    if not csvs:
+        raise UserError("build: give at least one --csv")
+    if not resolutions or min(resolutions) <= 0:
+        raise UserError(f"--resolutions: need positive integers, got {resolutions}")
+    if encoding not in ENCODINGS:
+        raise UserError(f"--encoding: {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    if draft_factor is not None and draft_factor < 1:
+        raise UserError(f"--draft-factor: {draft_factor} is below 1 (0 turns the reduced decode off)")
+    if int(shard_size) <= 0:
+        raise UserError(f"--shard-size: {shard_size} is not positive")
+    if not storage.is_remote(image_root) and not os.path.isdir(image_root):
+        raise UserError(f"--image-root: {image_root} is not a folder")
+    for c in csvs:
+        if not storage.exists(c):
+            raise UserError(f"--csv: {c} does not exist")
+
+    labelset = _load_labels(csvs, policy)
+    tasks = list(labelset.tasks)
+    rejects = [_reject_dict(r) for r in labelset.rejects]
+    frame = labelset.frame
+    if labelset.rows_in == 0:
+        raise UserError(f"no data rows in {', '.join(csvs)}")
+    if labelset.rows_in != len(frame) + len(rejects):
+        raise RuntimeError(f"label stage lost rows: rows_in {labelset.rows_in} != "
+                           f"{len(frame)} accepted + {len(rejects)} rejected")
+
+    columns = [c for c in row_schema(tasks).names if c not in ("image", "height", "width")]
+    rows = []
+    for rec in frame[columns + ["source_csv", "source_row"]].to_dict("records"):
+        rec = {k: _json_value(v) for k, v in rec.items()}
+        rec["source_csv"] = str(rec["source_csv"])
+        rec["source_row"] = int(rec["source_row"])
+        if _escapes_root(image_root, rec["image_id"]):
+            rejects.append({"csv": rec["source_csv"], "row": rec["source_row"], "path": rec["image_id"],
+                            "reason": "path escapes the image root"})
+        else:
+            rows.append(rec)
+    try:
+        storage.makedirs(out)
+        storage.check_writable(out)
+    except storage.StorageError as exc:
+        raise UserError(str(exc)) from None
+    if storage.exists(storage.join(out, MANIFEST_NAME)):
+        storage.delete(storage.join(out, MANIFEST_NAME))   # the store is incomplete until rewritten
+    if strict and rejects:
+        _write_rejects(out, rejects)
+        first = sorted(rejects, key=lambda r: (r["csv"], r["row"]))[0]
+        raise UserError(f"--strict: {len(rejects)} row(s) rejected before decoding "
+                        f"(see {storage.display(storage.join(out, REJECTS_NAME))}); first: "
+                        f"{first['csv']} row {first['row']} ({first['path']}): {first['reason']}")
+
+    specs = plan_shards(rows, out, image_root, resolutions, encoding, draft_factor, tasks, int(shard_size))
+    _remove_stale(out, specs, resolutions)
+    records, todo = {}, []
+    for spec in specs:
+        record = shard_is_done(spec)
+        if record is None:
+            todo.append(spec)
+        else:
+            records[(spec.split, spec.index)] = record
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(specs), initial=len(records), unit="shard", desc="build",
+               disable=not progress, file=sys.stderr)
+    try:
+        if todo:
+            runner = _run_on_ray(todo, address, num_cpus) if use_ray else _run_in_process(todo)
+            for record in runner:
+                records[(record["split"], record["index"])] = record
+                bar.update(1)
+                if on_shard is not None:
+                    on_shard(record)
+    finally:
+        bar.close()
+
+    # Assemble the manifest from the done-records, in plan order.
+    ordered = [records[(s.split, s.index)] for s in specs]
+    shards, converted, per_split = [], {}, {}
+    for split in sorted({s.split for s in specs} | {split_of(r["path"], r["csv"]) for r in rejects}):
+        per_split[split] = {"rows_in": 0, "stored": 0, "rejected": 0, "converted": 0}
+    for r in rejects:
+        per_split[split_of(r["path"], r["csv"])]["rejected"] += 1
+    for record in ordered:
+        rejects.extend(record["rejects"])
+        split = record["split"]
+        per_split[split]["stored"] += record["stored"]
+        per_split[split]["rejected"] += len(record["rejects"])
+        per_split[split]["converted"] += len(record["conversions"])
+        for c in record["conversions"]:
+            converted[c["conversion"]] = converted.get(c["conversion"], 0) + 1
+        shards.extend(record["files"])
+    for c in per_split.values():
+        c["rows_in"] = c["stored"] + c["rejected"]
+    shards.sort(key=lambda s: (s["resolution"], s["split"], s["path"]))
+    stored = sum(c["stored"] for c in per_split.values())
+    counts = {"rows_in": labelset.rows_in, "stored": stored, "rejected": len(rejects),
+              "converted": sum(converted.values()), "converted_by_kind": converted,
+              "per_split": per_split}
+    if counts["rows_in"] != stored + len(rejects):
+        raise RuntimeError(f"rows in {counts['rows_in']} != stored {stored} + rejected {len(rejects)}")
+    _write_rejects(out, rejects)
+
+    if strict and rejects:
+        first = sorted(rejects, key=lambda r: (r["csv"], r["row"]))[0]
+        raise UserError(f"--strict: {len(rejects)} row(s) rejected (see {storage.display(storage.join(out, REJECTS_NAME))}); "
+                        f"first: {first['csv']} row {first['row']} ({first['path']}): {first['reason']}")
+    if stored == 0:
+        raise UserError(f"no image could be stored: all {len(rejects)} rows rejected "
+                        f"(see {storage.display(storage.join(out, REJECTS_NAME))})")
+
+    dataset, phantom = _dataset_info(image_root)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool_version": preprocessing.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dataset,
+        "sources": dict(labelset.sources),
+        "image_root": storage.display(image_root) if storage.is_remote(image_root) else os.path.abspath(image_root),
+        "policy": dict(labelset.policy),
+        "tasks": tasks,
+        "resolutions": resolutions,
+        "encoding": encoding,
+        "resize": {"mode": "L", "filter": "lanczos", "square": "squash (whole image, no crop)",
+                   "jpeg_draft_factor": draft_factor},
+        "splits": sorted({s.split for s in specs}),
+        "shard_size": int(shard_size),
+        "shards": shards,
+        "counts": counts,
+        "study_label_conflicts": list(labelset.conflicts),
+    }
+    if phantom is not None:
+        manifest["phantom"] = phantom
+    storage.write_json(storage.join(out, MANIFEST_NAME), manifest)   # last: marks the store complete
+    return manifest
+
+
+# --- command line -------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--image-root", required=True, help="folder the CSV Path column is relative to")
+    parser.add_argument("--csv", action="append", required=True, metavar="CSV",
+                        help="a CheXpert-format CSV (repeat for train.csv and valid.csv)")
+    parser.add_argument("--out", required=True, help="store location: a path or s3://bucket/prefix[?endpoint_override=...]")
+    parser.add_argument("--resolutions", default=",".join(map(str, DEFAULT_RESOLUTIONS)),
+                        help="square output sizes, comma separated")
+    parser.add_argument("--policy", default=None,
+                        help="uncertainty policy overrides, e.g. 'Atelectasis=zeros,Edema=ignore' (defaults: PROTOCOL.md)")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="source images per shard (one Ray task)")
+    parser.add_argument("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS, help="lossless image encoding")
+    parser.add_argument("--draft-factor", type=float, default=DEFAULT_DRAFT_FACTOR,
+                        help="decode JPEGs at a reduced DCT scale that keeps >= this factor x the largest "
+                             "resolution (faster; tested >= 50 dB PSNR at 2); 0 = full decode, bit-exact")
+    parser.add_argument("--address", default=None, help="join this Ray cluster ('auto' or host:port) instead of a private local one")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private local Ray (None: all of this machine)")
+    parser.add_argument("--no-ray", action="store_true", help="build the shards in this process, one after another")
+    parser.add_argument("--strict", action="store_true", help="fail (exit 2, no manifest) if any row is rejected")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    resolutions = parse_int_list(args.resolutions, "--resolutions")
+    built_now = []
+    manifest = build_store(args.image_root, args.csv, args.out, resolutions=resolutions, policy=args.policy,
+                           shard_size=args.shard_size, address=args.address, num_cpus=args.num_cpus,
+                           strict=args.strict, progress=not args.no_progress, use_ray=not args.no_ray,
+                           encoding=args.encoding, draft_factor=args.draft_factor or None,
+                           on_shard=built_now.append)
+    counts = manifest["counts"]
+    built = len(built_now)
+    print(f"store {storage.display(args.out)} ({manifest['dataset']}"
+          f"{', SYNTHETIC phantom data' if manifest['dataset'] == 'phantom' else ''}): "
+          f"resolutions {','.join(map(str, manifest['resolutions']))}, encoding {manifest['encoding']}")
+    print(f"rows in {counts['rows_in']} = stored {counts['stored']} + rejected {counts['rejected']}"
+          f" (converted {counts['converted']}); shards built {built}, reused "
+          f"{len(manifest['shards']) // len(manifest['resolutions']) - built}")
+    for split, c in counts["per_split"].items():
+        print(f"  {split}: rows in {c['rows_in']}, stored {c['stored']}, rejected {c['rejected']}, converted {c['converted']}")
+    if counts["rejected"]:
+        print(f"rejected rows: {storage.display(storage.join(args.out, REJECTS_NAME))}")
+    if manifest["study_label_conflicts"]:
+        print(f"study label conflicts: {len(manifest['study_label_conflicts'])} (listed in the manifest)")
+    print(f"manifest hash {manifest_hash(manifest)}")
+    return 0

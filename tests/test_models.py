@@ -1,0 +1,247 @@
+"""trainer.models: the registry, the protocol's parameter counts, the head, freezing, the
+EfficientNet resolution rule. Large networks are only counted, on the meta device (no memory, no
+arithmetic); forward passes use small networks at 32-64 px."""
+from __future__ import annotations
+
+import doctest
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import trainer.models as models
+from preprocessing.cli import UserError
+from trainer.models import (CXRNet, UnknownModelError, create_model, feature_map_size, list_models,
+                            register_model, resolve_model_name)
+
+#: PROTOCOL.md "Models": body parameters without the ImageNet classifier.
+PROTOCOL_BODY_PARAMS = {
+    "resnet50": 23_508_032, "resnet152": 58_143_808,
+    "densenet121": 6_953_856, "densenet161": 26_472_000,
+    "efficientnet-b0": 4_007_548, "efficientnet-b1": 6_513_184, "efficientnet-b3": 10_696_232,
+    "efficientnet-b4": 17_548_616, "efficientnet-b5": 28_340_784,
+}
+#: PROTOCOL.md: the head with one output, by feature width F.
+PROTOCOL_HEAD_PARAMS = {2048: 2_106_880, 1024: 1_054_208, 1280: 1_317_376}
+
+#: Cheap enough to build and run on 2 shared cores; the rest are only counted on "meta".
+SMALL = ("resnet18", "densenet121", "efficientnet-b0", "efficientnet")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The test machine's few cores are shared: one intra-op thread avoids oversubscription, which
+    # made these tiny forward passes 20x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def n_params(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def meta_model(name: str, resolution: int = 320, outputs: int = 1) -> CXRNet:
+    with torch.device("meta"):
+        return create_model(name, resolution, outputs, weights="none")
+
+
+@functools.lru_cache(maxsize=None)
+def shared_meta_model(name: str) -> CXRNet:
+    """One meta-device model per name at 320 px with one output, for tests that only read it."""
+    return meta_model(name)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_with_separate_body_and_head(name):
+    model = shared_meta_model(name)
+    # shapes on the meta device: every registered model, without memory or arithmetic
+    h, w = feature_map_size(name, 320)  # a meta forward of the body
+    assert (h, w) == (10, 10)
+    with torch.device("meta"):
+        assert model.head(torch.zeros(2, model.num_features, h, w)).shape == (2, 1)
+    body, head = model.body_parameters(), model.head_parameters()
+    assert {id(p) for p in body} | {id(p) for p in head} == {id(p) for p in model.parameters()}
+    assert not {id(p) for p in body} & {id(p) for p in head}
+    assert model.name in list_models() and model.name != "efficientnet"
+    # the body drops the ImageNet classifier entirely
+    assert not any(k.startswith(("fc.", "classifier.", "_fc.")) for k in model.body.state_dict())
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_forward_gives_logits_per_output(name):
+    torch.manual_seed(0)
+    model = create_model(name, 32, outputs=5, weights="none")
+    model.train()  # BatchNorm1d in the head needs a batch of 2+ in train mode
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 5) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    fmap = model.body(x)
+    assert fmap.shape[:2] == (2, model.num_features)
+    assert tuple(fmap.shape[2:]) == feature_map_size(name, 32)
+    out.sum().backward()  # gradients reach the body
+    assert model.body_parameters()[0].grad is not None
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL_BODY_PARAMS))
+def test_parameter_counts_match_protocol(name):
+    model = shared_meta_model(name)
+    assert n_params(model.body_parameters()) == PROTOCOL_BODY_PARAMS[name]
+    head = n_params(model.head_parameters())
+    if model.num_features in PROTOCOL_HEAD_PARAMS:
+        assert head == PROTOCOL_HEAD_PARAMS[model.num_features]
+    # every head follows the same formula: BN(2F) + Linear(2F,512) + BN(512) + Linear(512,1)
+    f = model.num_features
+    assert head == 2 * 2 * f + 2 * f * 512 + 2 * 512 + 512
+
+
+def test_head_counts_cover_all_protocol_widths():
+    # each F that PROTOCOL.md gives a head count for is met by a registered body
+    widths = {shared_meta_model(n).num_features for n in ("resnet50", "densenet121", "efficientnet-b0")}
+    assert widths == set(PROTOCOL_HEAD_PARAMS)
+
+
+def test_head_layout_is_the_protocols():
+    model = meta_model("resnet50", outputs=3)
+    layers = list(model.head.classifier)
+    kinds = [type(m) for m in layers]
+    assert kinds == [nn.Flatten, nn.BatchNorm1d, nn.Dropout, nn.Linear, nn.ReLU, nn.BatchNorm1d,
+                     nn.Dropout, nn.Linear]
+    assert layers[1].num_features == 4096 and layers[5].num_features == 512
+    assert (layers[2].p, layers[6].p) == (0.3, 0.6)
+    assert layers[3].bias is None and layers[7].bias is None
+    assert (layers[3].in_features, layers[3].out_features) == (4096, 512)
+    assert (layers[7].in_features, layers[7].out_features) == (512, 3)
+
+
+def test_head_pools_average_and_max():
+    torch.manual_seed(0)
+    head = models.CXRHead(num_features=2, outputs=1).eval()
+    fmap = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.0]]]])  # 1 x 2 x 1 x 2
+    seen = {}
+    head.classifier[1].register_forward_hook(lambda m, i, o: seen.setdefault("in", i[0]))
+    head(fmap)
+    assert torch.equal(seen["in"], torch.tensor([[2.0, -1.0, 3.0, 0.0]]))  # avg then max
+
+
+def test_head_init_is_kaiming_and_seeded():
+    torch.manual_seed(3)
+    a = create_model("resnet18", 32, outputs=2, weights="none")
+    torch.manual_seed(3)
+    b = create_model("resnet18", 32, outputs=2, weights="none")
+    torch.manual_seed(4)
+    c = create_model("resnet18", 32, outputs=2, weights="none")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert not torch.equal(a.head.classifier[3].weight, c.head.classifier[3].weight)
+    w = a.head.classifier[3].weight  # 512 x 1024, He normal: std = sqrt(2 / fan_in)
+    assert abs(w.std().item() - (2 / 1024) ** 0.5) < 0.002
+    assert abs(w.mean().item()) < 0.002
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "efficientnet-b0"])
+def test_freeze_keeps_batchnorm_trainable(name):
+    model = meta_model(name)
+    model.freeze_body()
+    bn_params, other = [], []
+    for module in model.body.modules():
+        target = bn_params if isinstance(module, nn.modules.batchnorm._BatchNorm) else other
+        target.extend(module.parameters(recurse=False))
+    assert bn_params and other
+    assert all(p.requires_grad for p in bn_params)
+    assert not any(p.requires_grad for p in other)
+    assert all(p.requires_grad for p in model.head_parameters())
+    model.unfreeze_body()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_body_gets_no_gradient_except_batchnorm():
+    torch.manual_seed(0)
+    model = create_model("resnet18", 32, outputs=1, weights="none").train()
+    model.freeze_body()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.body.conv1.weight.grad is None
+    assert model.body.bn1.weight.grad is not None
+    assert model.head.classifier[3].weight.grad is not None
+
+
+@pytest.mark.parametrize("resolution, expected", [
+    (160, "efficientnet-b0"), (240, "efficientnet-b1"), (320, "efficientnet-b3"),
+    (400, "efficientnet-b4"), (480, "efficientnet-b5"),
+    (32, "efficientnet-b0"), (199, "efficientnet-b0"), (200, "efficientnet-b1"),
+    (201, "efficientnet-b1"), (280, "efficientnet-b3"), (360, "efficientnet-b4"),
+    (440, "efficientnet-b5"), (1024, "efficientnet-b5"),
+])
+def test_efficientnet_follows_resolution(resolution, expected):
+    assert resolve_model_name("efficientnet", resolution) == expected
+    assert resolve_model_name("EfficientNet", resolution) == expected
+
+
+def test_resolve_keeps_concrete_names():
+    assert resolve_model_name("efficientnet-b7", 160) == "efficientnet-b7"
+    assert resolve_model_name("efficientnet_b2", 160) == "efficientnet-b2"
+    assert resolve_model_name("ResNet50", 160) == "resnet50"
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(UnknownModelError) as err:
+        create_model("vgg16", 64, 1, weights="none")
+    assert isinstance(err.value, UserError)
+    for name in list_models():
+        assert name in str(err.value)
+    with pytest.raises(UnknownModelError):
+        feature_map_size("vit", 64)
+
+
+@pytest.mark.parametrize("bad", [0, 16, 31, -320, 64.5, "x"])
+def test_bad_resolution_is_user_error(bad):
+    with pytest.raises(UserError, match="resolution"):
+        create_model("resnet18", bad, 1, weights="none")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_bad_outputs_is_user_error(bad):
+    with pytest.raises(UserError, match="outputs"):
+        create_model("resnet18", 32, bad, weights="none")
+
+
+def test_duplicate_registration_is_an_error():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("resnet50")(lambda resolution: None)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("efficientnet")(lambda resolution: None)
+
+
+def test_list_models_has_the_protocol_models_and_the_alias():
+    names = list_models()
+    assert len(names) == len(set(names))
+    for name in ("resnet18", "resnet34", "resnet50", "resnet152", "densenet121", "densenet161",
+                 "densenet169", *[f"efficientnet-b{i}" for i in range(8)], "efficientnet"):
+        assert name in names
+
+
+@pytest.mark.parametrize("name, resolution, expected", [
+    ("resnet50", 320, (10, 10)), ("densenet121", 320, (10, 10)), ("efficientnet", 480, (15, 15)),
+    # off the multiples of 32 the families round differently: ResNet and EfficientNet ("same"
+    # padding) round up at each stride, DenseNet's average-pool transitions round down
+    ("resnet50", 300, (10, 10)), ("densenet121", 300, (9, 9)), ("efficientnet-b3", 300, (10, 10)),
+])
+def test_feature_map_size(name, resolution, expected):
+    assert feature_map_size(name, resolution) == expected
+
+
+def test_feature_map_size_matches_a_real_forward():
+    torch.manual_seed(0)
+    for name, res in (("resnet18", 72), ("densenet121", 72), ("efficientnet-b0", 72)):
+        model = create_model(name, res, 1, weights="none").eval()
+        with torch.no_grad():
+            fmap = model.body(torch.zeros(1, 3, res, res))
+        assert tuple(fmap.shape[2:]) == feature_map_size(name, res), name
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(models, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 8 and result.failed == 0

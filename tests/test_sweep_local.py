@@ -1,0 +1,149 @@
+"""The sweep on one shared local Ray (2 CPUs) with a fake trial: resume semantics, retries, ids.
+
+One Ray instance serves the whole module (run_sweep uses an already-initialised Ray and leaves
+it running); tests/test_sweep_embedded.py covers the private instance run_sweep starts itself.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+
+from preprocessing import storage
+from orchestrator import ledger
+from orchestrator.sweep import run_sweep
+from test_sweep_helpers import (FakeTrial, by_value, make_tiny_store, ray_env, read_jsonl,
+                                stable_result)
+
+FAST = {"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none"}
+
+
+@pytest.fixture(scope="module")
+def ray_shared(tmp_path_factory):
+    import ray
+    mp = pytest.MonkeyPatch()
+    base = ray_env(mp)
+    by_value()
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+             _temp_dir=os.path.join(base, "r"), logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+    mp.undo()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_tiny_store(tmp_path_factory.mktemp("store"))
+
+
+def sweep(store, storage_loc, name, *, resolutions=(16, 24), seeds=(0,), fake=None, **kw):
+    out = io.StringIO()
+    kw.setdefault("config", dict(FAST))
+    res = run_sweep(resolutions=list(resolutions), models=["resnet18"], seeds=list(seeds),
+                    store=store, storage_loc=str(storage_loc), name=name,
+                    trial_fn=fake or FakeTrial(), cpus_per_trial=1, gpus_per_trial=1,
+                    progress_interval=0, aggregate=False, out=out, **kw)
+    return res, out.getvalue()
+
+
+def attempts(sweep_loc):
+    return {tid: e["attempts"] for tid, e in ledger.read_all(sweep_loc).items()}
+
+
+def test_run_rerun_extend_and_new_ids(ray_shared, store, tmp_path):
+    res, text = sweep(store, tmp_path, "s1", seeds=(0, 1))
+    assert res.exit_code == 0 and len(res.trial_ids) == 4 and sorted(res.ran) == sorted(res.trial_ids)
+    assert "the Ray cluster has no GPUs: running trials on CPUs" in text
+    assert "4/4 finished" in text and "ETA" in text
+    entries = ledger.read_all(res.sweep_loc)
+    assert {e["state"] for e in entries.values()} == {"finished"}
+    assert all(e["attempts"] == 1 and e["result"]["epochs"] == 2 for e in entries.values())
+    for tid in res.trial_ids:
+        assert tid.startswith(("r16-resnet18-s", "r24-resnet18-s")) and "-multi-" in tid
+        assert storage.exists(storage.join(res.sweep_loc, "trials", tid, "result.json"))
+    doc = storage.read_json(storage.join(res.sweep_loc, "sweep.json"))
+    assert sorted(doc["trial_ids"]) == sorted(res.trial_ids) and doc["grid"]["resolutions"] == [16, 24]
+    before = attempts(res.sweep_loc)
+
+    # the same command again (and --resume) runs nothing
+    again, text = sweep(store, tmp_path, "s1", seeds=(0, 1))
+    assert again.ran == [] and sorted(again.skipped_finished) == sorted(res.trial_ids)
+    assert attempts(res.sweep_loc) == before
+
+    # one more resolution: only its trials run
+    more, _ = sweep(store, tmp_path, "s1", resolutions=(16, 24, 32), seeds=(0, 1))
+    new = set(more.trial_ids) - set(res.trial_ids)
+    assert len(new) == 2 and all(t.startswith("r32-") for t in new) and set(more.ran) == new
+    after = attempts(res.sweep_loc)
+    assert {t: after[t] for t in before} == before
+
+    # a changed hyperparameter: new ids, nothing mixed with the old results
+    changed, _ = sweep(store, tmp_path, "s1", seeds=(0, 1), config={**FAST, "lr_head": 1e-3})
+    assert set(changed.trial_ids).isdisjoint(res.trial_ids) and len(changed.ran) == 4
+    # the store location, loader workers and weight cache do not change ids
+    moved, _ = sweep(store, tmp_path, "s1", seeds=(0, 1), config={**FAST, "workers": 0,
+                                                                   "weights_dir": "/elsewhere"})
+    assert sorted(moved.trial_ids) == sorted(res.trial_ids) and moved.ran == []
+
+
+def test_retry_within_run_resumes_from_checkpoint(ray_shared, store, tmp_path):
+    fake = FakeTrial(fail={"r16-": 1}, marker_dir=str(tmp_path))
+    res, text = sweep(store, tmp_path, "retry", resolutions=(16,), fake=fake, max_failures=1)
+    assert res.exit_code == 0
+    (tid,) = res.trial_ids
+    entry = ledger.read_entry(res.sweep_loc, tid)
+    assert entry["state"] == "finished" and entry["attempts"] == 2
+    assert entry["history"][0]["state"] == "failed" and "injected failure" in entry["history"][0]["error"]
+    assert entry["history"][1]["resumed_from_epoch"] == 1
+    runs = read_jsonl(storage.join(res.sweep_loc, "trials", tid, "executions.jsonl"))
+    assert [r["epoch"] for r in runs] == [1, 2]            # epoch 1 was not trained again
+    assert len({r["pid"] for r in runs}) == 2                # ... by a second worker process
+    assert "retrying" in text
+
+
+def test_failed_sweep_rerun_finishes_only_that_trial_exactly(ray_shared, store, tmp_path):
+    fake = FakeTrial(fail={"r24-": 1}, marker_dir=str(tmp_path))
+    res, text = sweep(store, tmp_path, "fail", fake=fake, max_failures=0)
+    assert res.exit_code == 1 and len(res.failed) == 1 and res.failed[0].startswith("r24-")
+    assert "FAILED" in text and "re-run the same command" in text
+    failed = res.failed[0]
+    assert ledger.read_entry(res.sweep_loc, failed)["state"] == "failed"
+    before = attempts(res.sweep_loc)
+
+    again, _ = sweep(store, tmp_path, "fail", fake=fake, max_failures=0)
+    assert again.exit_code == 0 and again.ran == [failed]
+    after = attempts(again.sweep_loc)
+    assert after[failed] == 2 and all(after[t] == before[t] for t in before if t != failed)
+    resumed = stable_result(storage.read_json(storage.join(res.sweep_loc, "trials", failed, "result.json")))
+
+    clean, _ = sweep(store, tmp_path, "clean")
+    reference = stable_result(storage.read_json(storage.join(clean.sweep_loc, "trials", failed,
+                                                             "result.json")))
+    assert resumed == reference
+
+
+def test_interrupted_running_entry_is_resumed(ray_shared, store, tmp_path):
+    """A 'running' entry left by a dead driver continues from its folder's newest checkpoint."""
+    from trainer.config import TrainConfig
+    plan, _ = sweep(store, tmp_path, "int", resolutions=(16,), dry_run=True)
+    (tid,) = plan.trial_ids
+    cfg = TrainConfig.from_dict({**FAST, "store": store, "model": "resnet18", "resolution": 16})
+    folder = storage.join(plan.sweep_loc, "trials", tid)
+    with pytest.raises(RuntimeError):   # a worker that died after epoch 1
+        FakeTrial(fail={tid: 1}, marker_dir=str(tmp_path))(cfg, folder)
+    ledger.register(plan.sweep_loc, tid, {"resolution": 16}, "dead-driver")
+    ledger.mark_running(plan.sweep_loc, tid, run_id="dead-driver", node="x", gpu_ids=[],
+                        cuda_visible_devices=None)
+    res, _ = sweep(store, tmp_path, "int", resolutions=(16,))
+    assert res.ran == [tid] and res.exit_code == 0
+    runs = read_jsonl(storage.join(folder, "executions.jsonl"))
+    assert [r["epoch"] for r in runs] == [1, 2]
+    entry = ledger.read_entry(res.sweep_loc, tid)
+    assert entry["attempts"] == 2 and entry["history"][-1]["resumed_from_epoch"] == 1
+    clean, _ = sweep(store, tmp_path, "int-clean", resolutions=(16,))
+    assert stable_result(storage.read_json(storage.join(folder, "result.json"))) == stable_result(
+        storage.read_json(storage.join(clean.sweep_loc, "trials", tid, "result.json")))
