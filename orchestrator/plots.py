@@ -39,6 +39,14 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _legend(fig: Figure, ax) -> None:
+    """One legend for the figure, below the panels (never over the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=8,
+                   frameon=False)
+
+
 def _res_axis(ax, resolutions: Sequence[int]) -> None:
     ax.set_xticks(list(resolutions))
     ax.set_xlabel("resolution (px)")
@@ -64,7 +72,7 @@ def auroc_vs_resolution(summary: pd.DataFrame, mode: str) -> bytes | None:
         ax.set_title(task, fontsize=10)
         ax.set_ylabel("validation AUROC")
         _res_axis(ax, t["resolution"].astype(int).tolist())
-    axes[0].legend(fontsize=7, loc="lower right")
+    _legend(fig, axes[0])
     fig.suptitle(f"Best-epoch AUROC vs resolution ({mode}-task; all models and seeds)", fontsize=11)
     return _png(fig)
 
@@ -107,7 +115,7 @@ def model_scaling_figure(scaling: pd.DataFrame, mode: str) -> bytes | None:
         ax.set_ylabel("ΔAUROC (larger − smaller)")
         ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=6, loc="lower left")
+    _legend(fig, axes[0])
     fig.suptitle(f"Model scaling per task and resolution ({mode}-task)", fontsize=11)
     return _png(fig)
 
@@ -131,7 +139,7 @@ def efficientnet_figure(eff: pd.DataFrame, mode: str) -> bytes | None:
         ax.set_title(task, fontsize=10)
         ax.set_ylabel("validation AUROC")
         _res_axis(ax, t["resolution"].astype(int).tolist())
-    axes[0].legend(fontsize=7, loc="lower right")
+    _legend(fig, axes[0])
     fig.suptitle(f"EfficientNet (compound scaling) per resolution ({mode}-task)", fontsize=11)
     return _png(fig)
 

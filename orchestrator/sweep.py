@@ -26,6 +26,7 @@ from preprocessing.schema import DEFAULT_RESOLUTIONS, TASKS
 from orchestrator import grid as grid_mod
 from orchestrator import ledger
 from orchestrator.grid import DEFAULT_MODELS, DEFAULT_SEEDS, TrialParams
+from orchestrator.local_ray import check_reachable, cluster_address
 from trainer.config import TrainConfig
 
 SWEEP_FILE = "sweep.json"
@@ -202,24 +203,25 @@ def results_table(entries: dict[str, dict], trial_ids: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_aggregator(sweep_loc: str, out_dir: str, out: IO[str]) -> None:
+def run_aggregator(sweep_loc: str, out_dir: str, out: IO[str], fallback_table: str) -> None:
+    """Build the report with orchestrator.aggregate and print its table (ours if it is absent)."""
     try:
         from orchestrator import aggregate as agg
-    except ImportError:
-        print("aggregator (orchestrator.aggregate) is not installed: skipped the report", file=out)
-        return
-    fn = getattr(agg, "aggregate", None)
-    if fn is None:
-        print("orchestrator.aggregate has no aggregate(): skipped the report", file=out)
+        fn = agg.aggregate
+    except (ImportError, AttributeError):
+        print(fallback_table, file=out)
+        print("aggregator (orchestrator.aggregate) is not available: no report written", file=out)
         return
     try:
-        produced = fn(sweep_loc, out_dir)
+        summary = fn(sweep_loc, out_dir)
     except UserError as exc:
+        print(fallback_table, file=out)
         print(f"aggregation failed: {exc}", file=out)
         return
-    if isinstance(produced, str) and "\n" in produced:
-        print(produced, file=out)
-    print(f"report: {out_dir}", file=out)
+    table = getattr(summary, "table", None) or (summary if isinstance(summary, str) else "")
+    if table:
+        print(table, file=out)
+    print(f"report: {getattr(summary, 'out_dir', None) or out_dir}", file=out, flush=True)
 
 
 def dry_run_report(trials: list[Trial], plan: ledger.Plan, store, base: TrainConfig,
@@ -337,6 +339,9 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
         entries = ledger.read_all(sweep_loc) if storage.exists(sweep_loc) else {}
     else:
         check_storage(sweep_loc)
+        joining = cluster_address(address)
+        if joining is not None:   # fail fast, before anything is written or started
+            check_reachable(joining)
         entries = ledger.read_all(sweep_loc)
     plan = ledger.plan(sweep_loc, ids, entries)
     result = SweepResult(sweep_loc=sweep_loc, trial_ids=ids, dry_run=dry_run)
@@ -381,7 +386,9 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
     entries = ledger.read_all(sweep_loc)
     result.finished = [t for t in ids if entries.get(t, {}).get("state") == "finished"]
     result.failed = [t for t in ids if t not in set(result.finished)]
-    print(results_table(entries, ids), file=out)
+    table = results_table(entries, ids)
+    if result.failed or not aggregate:
+        print(table, file=out)
     if result.failed:
         print(f"{len(result.failed)} of {len(ids)} trials did not finish "
               f"({', '.join(result.failed[:5])}{' ...' if len(result.failed) > 5 else ''}); "
@@ -389,7 +396,7 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
               f"command to continue them from their checkpoints", file=out, flush=True)
         result.exit_code = 1
     elif aggregate:
-        run_aggregator(sweep_loc, results_dir or os.path.join("results", name), out)
+        run_aggregator(sweep_loc, results_dir or os.path.join("results", name), out, table)
     return result
 
 
@@ -438,9 +445,7 @@ def _run_on_ray(*, sweep_loc, run_id, trials, all_trials, finished, address, cpu
                 callbacks=[progress], verbose=0, log_to_file=True),
         )
         progress.maybe_status(force=True)
-        import time as _t; print("FIT", _t.time(), file=out)
-        tuner.fit()
-        print("FITEND", _t.time(), file=out)   # trial errors are in the ledger; the driver reads the ledger afterwards
+        tuner.fit()   # trial errors are in the ledger; the driver reads the ledger afterwards
 
 
 # --- command line -----------------------------------------------------------------------------------

@@ -328,44 +328,42 @@ def read_labels(csv_paths, policy: Mapping[str, str] | str | None = None, tasks:
 
 
 def _unify_studies(rows: pd.DataFrame, tasks: tuple[str, ...]) -> list[dict]:
-    """Give every image of a study the same raw value per task (in place); return the disagreements."""
+    """Give every image of a study the same raw value per task (in place); return the disagreements.
+
+    Vectorised over all rows: each raw value gets its rank in ``CONFLICT_ORDER`` and a study takes
+    its maximum rank; a study whose max and min rank differ is a conflict. Only the (few) conflicting
+    studies are then walked in Python to build their records.
+    """
     if rows.empty:
         return []
-    key = rows["split"] + "|" + rows["study_id"]
-    group = pd.factorize(key)[0]
-    rank_of = {0.0: 1, -1.0: 2, 1.0: 3}
-    value_of = np.array([np.nan, 0.0, -1.0, 1.0], dtype="float32")
-    conflicted = {}  # task -> boolean mask over rows
+    group = pd.factorize(rows["split"] + "|" + rows["study_id"])[0]
+    value_of = np.array(CONFLICT_ORDER, dtype="float32")
+    rank_of = {v: i for i, v in enumerate(CONFLICT_ORDER) if not np.isnan(v)}
+    original, differs = {}, {}
     for t in tasks:
         col = raw_column(t)
-        rank = rows[col].map(rank_of).fillna(0).astype("int8").to_numpy()
-        g = pd.Series(rank).groupby(group)
-        hi, lo = g.transform("max").to_numpy(), g.transform("min").to_numpy()
-        differs = hi != lo
-        if differs.any():
-            conflicted[t] = (differs, rows[col].to_numpy().copy())
+        ranks = pd.Series(rows[col].map(rank_of).fillna(0).astype("int8").to_numpy()).groupby(group)
+        hi, lo = ranks.transform("max").to_numpy(), ranks.transform("min").to_numpy()
+        if (hi != lo).any():
+            original[t], differs[t] = rows[col].to_numpy().copy(), hi != lo
             rows[col] = value_of[hi]
-    if not conflicted:
+    if not differs:
         return []
-    any_conflict = np.zeros(len(rows), dtype=bool)
-    for differs, _ in conflicted.values():
-        any_conflict |= differs
-    sub = rows.loc[any_conflict, ["split", "study_id", "image_id"]]
-    conflicts = {}
-    for (split, study), images in sub.groupby(["split", "study_id"], sort=False)["image_id"]:
-        conflicts[(split, study)] = {"split": split, "study_id": study, "images": list(images), "tasks": {}}
-    positions = np.flatnonzero(any_conflict)
-    for t, (differs, original) in conflicted.items():
-        resolved = rows[raw_column(t)].to_numpy()
-        for (split, study), idx in sub.groupby(["split", "study_id"], sort=False).indices.items():
-            where = positions[idx]
-            if not differs[where[0]]:
-                continue
-            conflicts[(split, study)]["tasks"][t] = {
-                "values": [None if np.isnan(v) else float(v) for v in original[where]],
-                "resolved": None if np.isnan(resolved[where[0]]) else float(resolved[where[0]]),
-            }
-    return list(conflicts.values())
+    positions = np.flatnonzero(np.logical_or.reduce(list(differs.values())))
+    sub = rows.iloc[positions]
+    image_ids = sub["image_id"].to_numpy(dtype=object)
+    resolved_of = {t: rows[raw_column(t)].to_numpy() for t in differs}
+    conflicts = []
+    for (split, study), idx in sub.groupby(["split", "study_id"], sort=False).indices.items():
+        where = positions[idx]
+        record = {"split": split, "study_id": study, "images": [str(i) for i in image_ids[idx]], "tasks": {}}
+        for t in tasks:
+            if t in differs and differs[t][where[0]]:
+                resolved = resolved_of[t][where[0]]
+                record["tasks"][t] = {"values": [None if np.isnan(v) else float(v) for v in original[t][where]],
+                                      "resolved": None if np.isnan(resolved) else float(resolved)}
+        conflicts.append(record)
+    return conflicts
 
 
 def rejects_frame(rejects: list[Reject]) -> pd.DataFrame:

@@ -7,7 +7,7 @@ pixel evidence lives in a known band of spatial frequencies, measured in cycles 
 ====================  ========  ===============================================  ==================
 task                  scale     evidence                                         cycles per image
 ====================  ========  ===============================================  ==================
-Cardiomegaly          coarse    heart silhouette wider than ~0.5 of the thorax   < 20
+Cardiomegaly          coarse    heart silhouette wider than 0.6 of the thorax    < 20
 Pleural Effusion      coarse    fluid meniscus blunting a costophrenic angle     < 20
 Consolidation         medium    zero-mean alveolar texture patch in one lung     60 - 110
 Edema                 fine      zero-mean Kerley-B line grating, lateral bases   125 - 215
@@ -69,11 +69,11 @@ FINE_MAX_CYCLES = 0.4  # components above this fraction of the source size are n
 TASK_DESIGN = {
     "Cardiomegaly": {"scale": "coarse", "band_cycles": [0, 20],
                      "evidence": "heart width / thorax width (cardiothoracic ratio): negatives 0.36-0.50, "
-                                 "positives 0.55-0.68",
+                                 "positives 0.61-0.68",
                      "train_rates": [0.28, 0.05, 0.35], "valid_positive": 0.33},
     "Pleural Effusion": {"scale": "coarse", "band_cycles": [0, 20],
                          "evidence": "dense fluid meniscus filling the lateral base of a lung "
-                                     "(blunted costophrenic angle), 10-28 % of lung height",
+                                     "(blunted costophrenic angle), 18-28 % of lung height at the lateral wall",
                          "train_rates": [0.35, 0.05, 0.25], "valid_positive": 0.32},
     "Consolidation": {"scale": "medium", "band_cycles": [60, 110],
                       "evidence": "zero-mean isotropic alveolar texture (band-pass noise) in a soft patch "
@@ -535,7 +535,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--valid-fraction", type=float, default=0.2, help="share of studies in valid")
     parser.add_argument("--min-size", type=int, default=1000, help="smallest image side in pixels")
     parser.add_argument("--max-size", type=int, default=3000, help="largest image side in pixels")
-    parser.add_argument("--square", action="store_true", help="square images (default: 0.8-1.05 aspect)")
+    parser.add_argument("--square", action="store_true", help="square images instead of width 0.80-1.05 x height")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering images")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier phantom in --out")

@@ -327,3 +327,38 @@ def test_holm_family_is_per_task_and_comparison():
                          "task_mode": "multi", "task": task, "p_value": p, "difference": 0.1})
     df = agg._with_holm(rows)
     assert df["p_holm"].tolist() == pytest.approx([0.02, 0.02, 0.04])
+
+
+def test_aggregate_reads_a_sweep_on_s3(tmp_path, monkeypatch):
+    """The same sweep uploaded to a local S3 server (moto) aggregates to the same trials table."""
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fake = fabricate_sweep(tmp_path, resolutions=(160, 320), models=("resnet50",), seeds=(0,),
+                           name="s3sweep")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        client.create_bucket(Bucket="sweeps")
+        for dirpath, _, files in os.walk(fake.location):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                key = "s3sweep/" + os.path.relpath(path, fake.location)
+                client.upload_file(path, "sweeps", key)
+        loc = f"s3://sweeps/s3sweep?endpoint_override=127.0.0.1:{port}&scheme=http"
+        summary = agg.aggregate(loc, out_dir=str(tmp_path / "out"), figures=False, report=False)
+    finally:
+        server.stop()
+    assert summary.counts["finished"] == 2
+    local = agg.load_sweep(fake.location).trials
+    remote = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    pd.testing.assert_frame_equal(local.drop(columns=["trial_task"]).reset_index(drop=True), remote,
+                                  check_dtype=False)

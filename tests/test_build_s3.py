@@ -11,7 +11,10 @@ from preprocessing import build
 from preprocessing.manifest import verify_store
 from preprocessing.resize import reference_resize
 from preprocessing.store import StoreError, decode_image, open_store
-from test_store import cli, make_dataset, write_dataset
+try:  # tests/ as a plain folder (pytest's default rootdir import) or as a package
+    from test_store import cli, make_dataset, write_dataset
+except ImportError:
+    from tests.test_store import cli, make_dataset, write_dataset
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")

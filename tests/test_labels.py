@@ -248,3 +248,19 @@ def test_real_chexpert_csvs():
     valid = studies[studies.split == "valid"]
     assert all(set(np.unique(valid[f"raw_{k}"])) <= {0.0, 1.0}
                for k in ("atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion"))
+
+
+def test_ragged_row_is_a_one_line_error(tmp_path):
+    path = tmp_path / "train.csv"
+    write_csv(path, [row(img("train", 1, 1)), row(img("train", 2, 1)) + ["extra"]])
+    with pytest.raises(LabelError, match=r"train.csv: not a readable CSV: .*Expected 19 columns, got 20") as e:
+        read_labels(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_windows_line_endings_and_bom(tmp_path):
+    path = tmp_path / "train.csv"
+    lines = [",".join(HEADER), ",".join(row(img("train", 1, 1), edema="-1.0"))]
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    ls = read_labels(str(path))
+    assert list(ls.frame.image_id) == [img("train", 1, 1)] and label(ls, img("train", 1, 1), "Edema", "raw") == -1.0

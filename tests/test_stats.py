@@ -1,6 +1,5 @@
 """`python -m preprocessing stats`: exact counts on hand-built CSVs, the CLI, and the phantom banner."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

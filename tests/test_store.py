@@ -374,3 +374,44 @@ def test_ray_build_matches_in_process_build(tmp_path, monkeypatch):
     assert not ray.is_initialized()      # the private Ray instance was shut down
     assert [(s["path"], s["sha256"]) for s in on_ray["shards"]] == [(s["path"], s["sha256"]) for s in local["shards"]]
     assert verify_store(str(tmp_path / "b")) == []
+
+
+def test_command_line_build_and_verify(tmp_path):
+    """``python -m preprocessing build`` / ``verify`` as a user runs them."""
+    import subprocess
+    import sys
+    root = tmp_path / "src"
+    csvs = write_dataset(root, make_dataset(root, 2, 1))
+    out = tmp_path / "store"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "preprocessing", *a], capture_output=True,
+                                    text=True, cwd=repo, env=env, timeout=300)
+    done = run("build", "--image-root", str(root), "--csv", csvs[0], "--csv", csvs[1], "--out", str(out),
+               "--resolutions", "16", "--no-ray")
+    assert done.returncode == 0, done.stderr
+    assert "rows in 4 = stored 4 + rejected 0" in done.stdout and "manifest hash" in done.stdout
+    assert "build:" in done.stderr                       # the progress bar
+    assert run("verify", str(out)).returncode == 0
+    bad = run("build", "--image-root", str(tmp_path / "nope"), "--csv", csvs[0], "--out", str(out))
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--image-root" in bad.stderr
+    assert run("verify", str(tmp_path / "nothing")).returncode == 1
+
+
+def test_manifest_hash_ignores_created_and_a_bad_manifest_is_refused(tmp_path, capsys):
+    root = tmp_path / "src"
+    csvs = write_dataset(root, make_dataset(root, 2, 1))
+    out = str(tmp_path / "store")
+    manifest = build.build_store(str(root), csvs, out, resolutions=[16], use_ray=False, progress=False)
+    assert manifest_hash({**manifest, "created": "another time"}) == manifest_hash(manifest)
+    assert manifest_hash({**manifest, "policy": {**manifest["policy"], "Edema": "zeros"}}) != manifest_hash(manifest)
+    path = os.path.join(out, "manifest.json")
+    text = open(path).read()
+    open(path, "w").write(text.replace('"stored": 3', '"stored": 4', 1))
+    problems = verify_store(out)
+    assert problems == ["res16/train: shards hold 3 rows, manifest counts 4 stored"]
+    open(path, "w").write(text[:-20])
+    with pytest.raises(StoreError, match="not valid JSON"):
+        open_store(out)
+    assert cli("verify", [out]) == 1
+    assert "not valid JSON" in capsys.readouterr().err

@@ -36,8 +36,16 @@ def ray_env(mp) -> str:
     mp.setenv("CXR_RAY_DIR", base)
     mp.setenv("RAY_AUTH_TOKEN_PATH", token)
     mp.setenv("HOME", base)          # ~/.ray/auth_token would land here, not in the real home
+    mp.setenv("RAY_AUTH_MODE", "token")   # ray.init sets it in os.environ; this way it is undone
     mp.delenv("RAY_ADDRESS", raising=False)
+    refresh_ray_auth()
     return base
+
+
+def refresh_ray_auth() -> None:
+    """Make this process re-read RAY_AUTH_MODE and the token (Ray caches both at import)."""
+    from orchestrator.local_ray import _reset_token_cache
+    _reset_token_cache()
 
 
 def make_tiny_store(root, resolutions=(16, 24, 32), n_train=4, n_valid=2) -> str:

@@ -15,7 +15,7 @@ from preprocessing import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
 from test_sweep_helpers import (FakeTrial, by_value, make_tiny_store, ray_env, read_jsonl,
-                                stable_result)
+                                refresh_ray_auth, stable_result)
 
 FAST = {"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none"}
 
@@ -32,6 +32,7 @@ def ray_shared(tmp_path_factory):
     yield
     ray.shutdown()
     mp.undo()
+    refresh_ray_auth()
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -83,6 +83,13 @@ def test_default_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
     assert weights.default_weights_dir().endswith(os.path.join(".cache", "cxr-sweep", "weights"))
 
 
+def test_cache_is_a_storage_location(tmp_path):
+    # weights_dir goes through preprocessing.storage (the same call path serves s3://)
+    save_state(original_network("resnet18").state_dict(), tmp_path / "resnet18-imagenet.pth")
+    model = create_model("resnet18", 32, 1, weights_dir=f"file://{tmp_path}")
+    assert torch.equal(model.body.conv1.weight, original_network("resnet18").conv1.weight)
+
+
 def test_missing_weights_name_the_file_and_the_command(tmp_path):
     with pytest.raises(MissingWeightsError) as err:
         create_model("resnet18", 32, 1, weights="imagenet", weights_dir=str(tmp_path))
@@ -312,9 +319,18 @@ def test_cli_list_present_missing_and_corrupt(tmp_path, capsys):
     assert rc == 1 and "CORRUPT" in out and "--force" in err
 
 
-def test_cli_help_has_examples():
-    proc = subprocess.run([sys.executable, "-m", "trainer.weights", "download", "--help"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0
-    assert "examples:" in proc.stdout and "python -m trainer.weights download --models" in proc.stdout
-    assert "CXR_WEIGHTS_DIR" in proc.stdout
+def test_cli_help_has_examples(capsys):
+    for argv in (["--help"], ["download", "--help"], ["list", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            weights.main(argv)
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and "python -m trainer.weights download --models" in out
+        assert "CXR_WEIGHTS_DIR" in out and "exit codes" in out
+
+
+def test_module_runs_as_a_command():
+    proc = subprocess.run([sys.executable, "-m", "trainer.weights", "list", "--models", "resnet18",
+                           "--dir", "/nonexistent-cxr-weights"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "missing" in proc.stdout

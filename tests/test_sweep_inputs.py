@@ -1,0 +1,146 @@
+"""Every bad input fails before any trial starts: one line naming the problem, exit code 2.
+
+No Ray is started here: validation happens before the sweep touches a cluster.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+from preprocessing import storage
+from preprocessing.cli import UserError, run_cli
+from orchestrator import grid, sweep
+from test_sweep_helpers import make_tiny_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_tiny_store(tmp_path_factory.mktemp("store"), resolutions=(16, 24))
+
+
+def cli(capsys, *argv):
+    code = run_cli(sweep.main, list(argv), prog="orchestrator.sweep")
+    captured = capsys.readouterr()
+    return code, captured.err.strip(), captured.out
+
+
+def base_args(store, tmp_path, *extra):
+    return ["--store", store, "--storage", str(tmp_path / "sweeps"), "--name", "bad",
+            "--resolutions", "16", "--models", "resnet18", "--seeds", "0", *extra]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]   # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--models", "resnet18,notamodel"], "unknown model 'notamodel'"),
+    (["--resolutions", "16,abc"], "--resolutions: 'abc' is not an integer"),
+    (["--resolutions", "0"], "--resolutions: 0 is not positive"),
+    (["--resolutions", "-16"], "--resolutions: -16 is not positive"),
+    (["--resolutions", ","], "--resolutions: no values given"),
+    (["--models", ","], "--models: no values given"),
+    (["--seeds", ""], "--seeds: no seeds given"),
+    (["--seeds", "3-1"], "--seeds: range '3-1' is empty"),
+    (["--resolutions", "16,48"], "lacks resolution(s) 48"),
+    (["--task-mode", "single", "--tasks", "Cardiomegaly,Nope"], "--tasks: 'Nope' is not one of"),
+    (["--name", "a/b"], "--name: 'a/b' is not a valid sweep name"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 must be 0, a fraction"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial: 0.0 is not positive"),
+    (["--lr-head", "-1"], "lr_head: must be positive"),
+])
+def test_bad_input_is_one_line_and_starts_nothing(capsys, store, tmp_path, extra, needle):
+    code, err, _ = cli(capsys, *base_args(store, tmp_path), *extra)
+    assert code == 2, err
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert err.startswith("orchestrator.sweep: error: ")
+    assert not os.path.exists(tmp_path / "sweeps" / "bad" / "ledger")
+
+
+def test_missing_and_corrupt_store(capsys, store, tmp_path):
+    code, err, _ = cli(capsys, *base_args(str(tmp_path / "nothing"), tmp_path))
+    assert code == 2 and "no store at" in err and len(err.splitlines()) == 1
+    broken = str(tmp_path / "broken")
+    shutil.copytree(store, broken)
+    manifest = storage.read_json(os.path.join(broken, "manifest.json"))
+    shard = next(s for s in manifest["shards"] if s["resolution"] == 16)
+    with open(os.path.join(broken, shard["path"]), "r+b") as f:
+        f.seek(10)
+        f.write(b"corrupt!")
+    code, err, _ = cli(capsys, *base_args(broken, tmp_path))
+    assert code == 2 and "does not verify at 16 px" in err and shard["path"] in err
+    assert len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "sweeps" / "bad" / "ledger")
+    # a resolution the sweep does not use may be broken: only requested ones are verified
+    code, err, _ = cli(capsys, *base_args(broken, tmp_path, "--resolutions", "24", "--dry-run"))
+    assert code == 0, err
+
+
+def test_unwritable_storage(capsys, store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    code, err, _ = cli(capsys, "--store", store, "--storage", str(blocker / "sweeps"), "--name", "x",
+                       "--resolutions", "16", "--models", "resnet18", "--seeds", "0")
+    assert code == 2 and "is not writable" in err and len(err.splitlines()) == 1
+
+
+def test_unreachable_cluster(capsys, store, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    addr = f"127.0.0.1:{closed_port()}"
+    code, err, _ = cli(capsys, *base_args(store, tmp_path, "--address", addr))
+    assert code == 2 and f"cannot reach the Ray cluster at {addr}" in err
+    assert len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "sweeps" / "bad" / "ledger")
+    # RAY_ADDRESS is the same as --address
+    monkeypatch.setenv("RAY_ADDRESS", addr)
+    code, err, _ = cli(capsys, *base_args(store, tmp_path))
+    assert code == 2 and "cannot reach the Ray cluster" in err
+    code, err, _ = cli(capsys, *base_args(store, tmp_path, "--address", "no-port-here"))
+    assert code == 2 and "expected HOST:PORT" in err
+
+
+def test_empty_grid_from_the_api(store, tmp_path):
+    with pytest.raises(UserError, match="the grid is empty"):
+        sweep.run_sweep(resolutions=[16], models=[], seeds=[0], store=store,
+                        storage_loc=str(tmp_path), name="e")
+    with pytest.raises(UserError, match="the grid is empty"):
+        grid.build_grid([16], ["resnet18"], [], "multi")
+
+
+def test_missing_required_flags(capsys, tmp_path):
+    code, err, _ = cli(capsys, "--storage", str(tmp_path), "--name", "x")
+    assert code == 2 and err.endswith("--store is required")
+
+
+def test_grid_and_ids():
+    points = grid.build_grid([160, 320], seeds=[0, 1])
+    assert len(points) == 2 * 5 * 2
+    assert {p.model for p in points if p.resolution == 320} >= {"efficientnet-b3", "resnet50"}
+    assert {p.model for p in points if p.resolution == 160} >= {"efficientnet-b0"}
+    single = grid.build_grid([160], ["resnet50"], [0], "single", ["Edema", "Cardiomegaly"])
+    assert [p.task for p in single] == ["Edema", "Cardiomegaly"]
+    from trainer.config import TrainConfig
+    base = TrainConfig(store="/a")
+    a = grid.trial_id(points[0], base, "m" * 64)
+    assert a == grid.trial_id(points[0], TrainConfig(store="/elsewhere", workers=3), "m" * 64)
+    assert a.startswith("r160-resnet50-s0-multi-") and len(a.rsplit("-", 1)[1]) == 10
+    assert a != grid.trial_id(points[0], TrainConfig(store="/a", lr_head=1e-3), "m" * 64)
+    assert a != grid.trial_id(points[0], base, "n" * 64)       # another store content
+    tid = grid.trial_id(single[0], base, "m" * 64)
+    assert tid.startswith("r160-resnet50-s0-single-edema-")
+    assert grid.parse_seeds("0-2,7,1") == [0, 1, 2, 7]
+
+
+def test_dry_run_prints_grid_and_estimate(capsys, store, tmp_path):
+    code, err, out = cli(capsys, *base_args(store, tmp_path, "--resolutions", "16,24", "--seeds",
+                                            "0-1", "--dry-run"))
+    assert code == 0, err
+    assert "4 trials: 0 finished, 4 to run" in out
+    assert "estimated GPU-hours" in out and "ESTIMATE" in out
+    assert out.count("to run  ") == 4
+    assert not os.path.exists(tmp_path / "sweeps" / "bad")   # a dry run writes nothing
