@@ -704,22 +704,25 @@ def _overlap(trials: list[dict]) -> bool | None:
     return any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
 
 
-def section_packing_probe(args, device: torch.device, single_rate: float | None) -> dict:
+def section_packing_probe(args, device: torch.device, single_rate: float | None,
+                          budget: Budget) -> dict:
     """N processes stepping the same small trial at once on one device, timed over one shared
     wall-clock window: their summed images/s against one process alone."""
     name, res = args.probe_model, args.probe_resolution
     n = args.probe_processes
     start_at = time.time() + args.probe_startup_s
     cmd = [sys.executable, os.path.abspath(__file__), "--probe-child", f"{name}@{res}",
+           *(["--tiny"] if args.tiny else []), "--min-steps", str(args.min_steps),
            "--device", device.type, "--start-at", str(start_at), "--seconds", str(args.seconds),
            "--warmup-steps", str(args.warmup_steps)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               cwd=REPO) for _ in range(n)]
     children = []
+    deadline = time.monotonic() + max(30.0, min(args.probe_startup_s + 4 * args.seconds + 60, budget.left - 5))
     for p in procs:
         try:
-            so, se = p.communicate(timeout=args.probe_startup_s + 4 * args.seconds + 60)
+            so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             so, se = p.communicate()
@@ -769,6 +772,34 @@ def probe_child(args) -> int:
     return 0
 
 
+def profile_step(args) -> int:
+    """torch.profiler over training steps of one (model, resolution): the top costs, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    name, res = args.profile_step.split("@")
+    res = int(res)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    BATCH.update(studies=max(1, args.profile_images * 2 // 3), images=args.profile_images)
+    trial = Trial(name, res, device, amp=cuda and not args.no_amp,
+                  channels_last=cuda and not args.no_channels_last)
+    source = _repeat(synthetic_batch(res, device))
+    trial.run(source, 2)                            # warm-up (allocator, cuDNN autotuning)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        trial.run(source, args.profile_steps)
+    wall = time.perf_counter() - t0
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"# {trial.name} at {res} px, {BATCH['images']} images/step, {args.profile_steps} steps, "
+          f"{device}, torch threads {torch.get_num_threads()}, step source {trial.step_source}; "
+          f"{1000 * wall / args.profile_steps:.0f} ms/step under the profiler")
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=40))
+    return 0
+
+
 # --- driver ----------------------------------------------------------------------------------------
 def _log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -797,6 +828,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--store-studies", type=int, default=None, help="studies in the phantom store")
     p.add_argument("--sweep-gpus-per-trial", type=float, default=0.5)
     p.add_argument("--sweep-timeout-s", type=float, default=None)
+    p.add_argument("--profile-step", default=None, metavar="MODEL@RES",
+                   help="only profile training steps of one model (torch.profiler) and print the top costs")
+    p.add_argument("--profile-images", type=int, default=8, help="images per profiled step")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     # internal: one packing-probe process
     p.add_argument("--probe-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -807,6 +844,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     sweep_timeout_s=240.0 if tiny else 150.0)
     if tiny:
         BATCH.update(studies=4, images=6)
+        # One intra-op thread: on a small shared CI box, torch's spinning worker threads make a
+        # tiny step 5-10x slower than one thread does (measured: docs/bench-gpu.md).
+        torch.set_num_threads(1)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -846,6 +886,7 @@ def main(argv=None, report: dict | None = None, out_path: str | None = None) -> 
     report.update({
         "tool": "bench/gpu_check.py", "started": _now(), "mode": "tiny" if args.tiny else "full",
         "device_type": device.type, "argv": sys.argv[1:] if argv is None else list(argv),
+        "torch_threads": torch.get_num_threads(),
         "settings": {"batch_studies": BATCH["studies"], "images_per_batch": BATCH["images"],
                      "amp": "bf16" if device.type == "cuda" and not args.no_amp else "off",
                      "channels_last": device.type == "cuda" and not args.no_channels_last,
@@ -907,7 +948,7 @@ def main(argv=None, report: dict | None = None, out_path: str | None = None) -> 
             if (rec["model"], rec["resolution"]) == (args.probe_model, args.probe_resolution) \
                     and isinstance(rec.get("synthetic"), dict):
                 single = rec["synthetic"].get("images_per_s")
-        run_section("packing_probe", lambda: section_packing_probe(args, device, single),
+        run_section("packing_probe", lambda: section_packing_probe(args, device, single, budget),
                     args.probe_startup_s + 3 * args.seconds + 10)
         if extra:
             run_section("extra", lambda: {"results": run_configs(extra, device, args, budget, store,
@@ -976,8 +1017,12 @@ def default_out_path(out: str | None) -> str | None:
 
 def cli(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.probe_child:
         return probe_child(args)
+    if args.profile_step:
+        return profile_step(args)
     import signal
 
     def _terminate(signum, frame):   # `timeout` sends SIGTERM: leave through the finally blocks

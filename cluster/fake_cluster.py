@@ -53,7 +53,8 @@ def client_env(run_dir: str, base: dict | None = None) -> dict:
 
 def start(run_dir: str, config: str = FAKE_YAML, port: int | None = None, timeout: float = 120.0,
           env: dict | None = None) -> dict:
-    """Start the cluster; returns {"address", "pid", "session_dir_glob", "log"} (also in DIR/state.json)."""
+    """Start the cluster; returns {"address", "pid", "session_dir_glob", "log"} (also written to
+    DIR/state.json) and "process", the head's Popen."""
     run_dir = os.path.abspath(run_dir)
     if len(run_dir) > MAX_DIR_LEN:
         raise ValueError(f"--dir {run_dir}: longer than {MAX_DIR_LEN} characters (Ray's socket paths "
@@ -100,7 +101,7 @@ def start(run_dir: str, config: str = FAKE_YAML, port: int | None = None, timeou
         with open(log_path, errors="replace") as f:
             text = f.read()
         if "Ray runtime started" in text:
-            return state
+            return dict(state, process=proc)
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc.pid)
             os.remove(os.path.join(run_dir, "state.json"))
@@ -130,13 +131,16 @@ def session_pids(sid: int) -> dict[int, str]:
 def stop(pid: int, grace: float = 30.0) -> dict[int, str]:
     """Stop the session led by ``pid`` (a process started with start_new_session=True) and return
     what is still alive afterwards (nothing, normally)."""
-    try:
-        os.kill(pid, signal.SIGTERM)                   # the head drains and stops its own processes
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and pid in session_pids(pid):
-            time.sleep(0.2)
-    except ProcessLookupError:
-        pass
+    # Signal ``pid`` only while it still leads its own session: a pid that exited may have been
+    # reused by an unrelated process, which would not be a session leader with that id.
+    if pid in session_pids(pid):
+        try:
+            os.kill(pid, signal.SIGTERM)               # the head drains and stops its own processes
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and pid in session_pids(pid):
+                time.sleep(0.2)
+        except ProcessLookupError:
+            pass
     for sig in (signal.SIGTERM, signal.SIGKILL):       # then whatever it left: the fake workers
         left = session_pids(pid)
         if not left:

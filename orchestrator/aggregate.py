@@ -157,14 +157,31 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+GRID_KEY = ("resolution", "model", "seed", "task_mode", "task")
+
+
 def _grid_from_sweep(sweep: dict, problems: list[Problem], where: str) -> list[dict]:
     """The expected trials of ``sweep.json``: ``trials`` = {trial_id: params} in ``trial_ids``
-    order (orchestrator/sweep.py); a list of ids or of {trial_id, params} is read as well."""
+    order (orchestrator/sweep.py), plus the trials earlier invocations of the same sweep registered
+    (``all_trials``) unless the current grid has the same point under another id (a changed
+    configuration: the old trial is superseded, listed, and left out). A list of ids or of
+    {trial_id, params} is read as well."""
     items = sweep.get("trials")
     if isinstance(items, dict):
         order = [t for t in (sweep.get("trial_ids") or []) if t in items]
         order += [t for t in items if t not in set(order)]
-        items = [{"trial_id": t, "params": items[t]} for t in order]
+        current = {t: items[t] for t in order}
+        extra = sweep.get("all_trials") if isinstance(sweep.get("all_trials"), dict) else {}
+        points = {tuple((p or {}).get(k) for k in GRID_KEY) for p in current.values()}
+        for tid, params in extra.items():
+            if tid in current or not isinstance(params, dict):
+                continue
+            if tuple(params.get(k) for k in GRID_KEY) in points:
+                problems.append(Problem(where, f"trial {tid} of an earlier invocation is superseded "
+                                               "by the current grid (another configuration): left out"))
+                continue
+            current[tid] = params
+        items = [{"trial_id": t, "params": p} for t, p in current.items()]
     elif not isinstance(items, list) and isinstance(sweep.get("trial_ids"), list):
         items = list(sweep["trial_ids"])
     if not isinstance(items, list):

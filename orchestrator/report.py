@@ -102,6 +102,8 @@ def _sweep_facts(data: agg.SweepData) -> dict[str, str]:
                        ("git_commit", "git commit")):
         if s.get(key):
             facts[label] = str(storage.display(s[key]) if key == "store" else s[key])
+    if isinstance(s.get("base_config"), dict):   # the training settings every trial shares
+        facts["training config"] = ", ".join(f"{k}={v}" for k, v in sorted(s["base_config"].items()))
     for key in ("command", "command_line", "argv"):
         if s.get(key):
             v = s[key]

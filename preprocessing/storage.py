@@ -94,7 +94,8 @@ def listdir(location: str) -> list[str]:
 def read_bytes(location: str) -> bytes:
     fs, path = resolve(location)
     try:
-        with fs.open_input_stream(path) as f:
+        # compression=None: pyarrow would otherwise un-gzip '.gz' files, changing their hash.
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError:
         raise

@@ -362,3 +362,32 @@ def test_aggregate_reads_a_sweep_on_s3(tmp_path, monkeypatch):
     remote = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     pd.testing.assert_frame_equal(local.drop(columns=["trial_task"]).reset_index(drop=True), remote,
                                   check_dtype=False)
+
+
+def test_a_sweep_with_nothing_finished_gives_an_empty_report(tmp_path):
+    fake = fabricate_sweep(tmp_path, resolutions=(160,), models=("resnet50",), seeds=(0, 1),
+                           finished=lambda t: False)
+    summary = agg.aggregate(fake.location, out_dir=str(tmp_path / "out"))
+    assert summary.counts["pending"] == 2 and summary.trials == 0
+    assert summary.table == "no finished trials yet"
+    assert summary.figures_skipped == ["all figures: no finished trial with an AUROC"]
+    assert pd.read_parquet(tmp_path / "out" / "trials.parquet").empty
+    assert "This report is partial" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_earlier_invocations_count_unless_superseded(tmp_path):
+    fake = fabricate_sweep(tmp_path, resolutions=(160,), models=("resnet50",), seeds=(0, 1))
+    kwargs = dict(name="fake", store_loc=fake.store, manifest_hash="f" * 64, axes={},
+                  command="re-run", run_id="run-2")
+    base = fake.trials[0].config
+    # Re-run with a smaller grid (seed 0 only): seed 1's finished trial still counts.
+    write_sweep_file(fake.location, trials=[fake.trials[0]], base=base, **kwargs)
+    data = agg.load_sweep(fake.location)
+    assert sorted(data.trials["seed"].unique()) == [0, 1] and data.problems == []
+    # Re-run with another configuration (new ids for the same points): the old trials are left out.
+    other = plan_trials(build_grid([160], ["resnet50"], [0, 1]),
+                        TrainConfig.from_dict({"lr_head": 1e-3}, base=base), "f" * 64)
+    write_sweep_file(fake.location, trials=other, base=base, **kwargs)
+    data = agg.load_sweep(fake.location)
+    assert data.trials.empty and data.counts()["missing"] == 2
+    assert sum("superseded" in p.what for p in data.problems) == 2

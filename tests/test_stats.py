@@ -1,4 +1,5 @@
 """`python -m preprocessing stats`: exact counts on hand-built CSVs, the CLI, and the phantom banner."""
+import csv
 import json
 import subprocess
 import sys
@@ -8,11 +9,30 @@ import pytest
 
 from preprocessing import phantom as ph
 from preprocessing.labels import read_labels
+from preprocessing.schema import META_COLUMNS, OBSERVATIONS
 from preprocessing.stats import BANNER, compute_stats, format_table
-from test_labels import img, row, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def row(path, atel="", card="", cons="", edema="", eff="", view="Frontal", ap_pa="AP"):
+    values = dict.fromkeys(OBSERVATIONS, "")
+    values.update({"Atelectasis": atel, "Cardiomegaly": card, "Consolidation": cons, "Edema": edema,
+                   "Pleural Effusion": eff})
+    return [path, "Female", "60", view, ap_pa if view == "Frontal" else "", *values.values()]
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*META_COLUMNS, *OBSERVATIONS])
+        w.writerows(rows)
+    return str(path)
+
+
+def img(split, patient, study, view=1, kind="frontal"):
+    return f"CheXpert-v1.0-small/{split}/patient{patient:05d}/study{study}/view{view}_{kind}.jpg"
 
 
 def cli(*args):

@@ -1,0 +1,90 @@
+"""``python -m orchestrator.demo``: the whole product on a laptop in minutes, on synthetic data.
+
+phantom (CheXpert-layout JPEGs) -> store (five resolutions) -> sweep on an embedded local Ray
+instance -> aggregate -> results table. Every step is an ordinary entry point of the project; this
+module only chains them with a budget small enough for a 2-core machine. Re-running it resumes: the
+phantom and store are reused when present and finished trials are not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from preprocessing import storage
+from preprocessing.cli import HelpFormatter, parse_int_list, run_cli
+from preprocessing.schema import MANIFEST_NAME
+
+EPILOG = """examples:
+  python -m orchestrator.demo                      # the README's demo (about 10 minutes on 2 cores)
+  python -m orchestrator.demo --out /tmp/demo --resolutions 160,320 --studies 120
+
+The full thesis grid on a GPU cluster is `python -m orchestrator.sweep` (docs/sweep.md, docs/cluster.md).
+"""
+
+#: The demo's budget (why these numbers: docs/sweep.md, "The demo"). resnet18 from random weights,
+#: since no ImageNet weights can be downloaded here; one frozen-body epoch + two unfrozen epochs.
+DEMO = dict(studies=300, seed=0, min_size=1000, max_size=1400, models="resnet18", seeds="0",
+            epochs_frozen=1, epochs=2, max_train_studies=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.demo", description=__doc__.split("\n")[0],
+                                epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("--out", default="demo", help="folder for the phantom, the store and the sweep")
+    p.add_argument("--resolutions", default="160,240,320,400,480", help="store and sweep resolutions")
+    p.add_argument("--studies", type=int, default=DEMO["studies"], help="phantom studies (train + valid)")
+    p.add_argument("--models", default=DEMO["models"], help="comma-separated model names")
+    p.add_argument("--seeds", default=DEMO["seeds"], help="comma-separated seeds")
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"], help="unfrozen epochs per trial")
+    p.add_argument("--cpus-per-trial", type=float, default=float(os.cpu_count() or 1),
+                   help="CPUs per trial (all of them by default: trials then run one at a time)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from preprocessing.build import build_store
+    from preprocessing.phantom import make_phantom
+    from orchestrator.sweep import run_sweep
+
+    resolutions = parse_int_list(args.resolutions, "--resolutions")
+    seeds = parse_int_list(args.seeds, "--seeds") if args.seeds.strip() != "0" else [0]
+    out = os.path.abspath(args.out)
+    phantom_dir, store_dir = os.path.join(out, "phantom"), os.path.join(out, "store")
+    started = time.time()
+
+    print(f"==> [1/3] synthetic phantom: {args.studies} studies in {phantom_dir}", flush=True)
+    if not os.path.exists(os.path.join(phantom_dir, "phantom.json")):
+        make_phantom(phantom_dir, studies=args.studies, seed=DEMO["seed"], min_size=DEMO["min_size"],
+                     max_size=DEMO["max_size"], workers=os.cpu_count() or 1, overwrite=True)
+    else:
+        print("    (reusing the phantom already there)")
+
+    print(f"==> [2/3] store at {', '.join(map(str, resolutions))} px in {store_dir}", flush=True)
+    manifest = storage.read_json(os.path.join(store_dir, MANIFEST_NAME)) \
+        if os.path.exists(os.path.join(store_dir, MANIFEST_NAME)) else None
+    if manifest is None or not set(resolutions) <= set(manifest["resolutions"]):
+        build_store(phantom_dir, [os.path.join(phantom_dir, "train.csv"),
+                                  os.path.join(phantom_dir, "valid.csv")],
+                    store_dir, resolutions=resolutions, use_ray=False)
+    else:
+        print("    (reusing the store already there)")
+
+    print("==> [3/3] sweep on an embedded local Ray instance", flush=True)
+    result = run_sweep(
+        resolutions=resolutions, store=store_dir, storage_loc=os.path.join(out, "sweeps"),
+        name="demo", models=[m.strip() for m in args.models.split(",") if m.strip()], seeds=seeds,
+        config={"weights": "none", "epochs_frozen": DEMO["epochs_frozen"],
+                "epochs_unfrozen": args.epochs, "max_train_studies": DEMO["max_train_studies"]},
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0,
+        results_dir=os.path.join(out, "results"), progress_interval=15.0,
+        command=" ".join(["python -m orchestrator.demo"] + list(argv if argv is not None else sys.argv[1:])))
+    print(f"==> demo finished in {time.time() - started:.0f} s; report: "
+          f"{os.path.join(out, 'results', 'report.html')}")
+    return 0 if not getattr(result, "failed", None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="orchestrator.demo"))

@@ -1,0 +1,332 @@
+"""Fractional-GPU packing: how many small trials may share one GPU (``--gpus-per-trial auto``).
+
+A trial that cannot fill a GPU (EfficientNet-B0 at 160 px on an H100) wastes most of it. Ray Tune
+can give such trials a fraction of a GPU (``{"gpu": 0.5}``: two trials share one, with the same
+CUDA_VISIBLE_DEVICES and *no* memory isolation, see ../shared/RAY_NOTES.md), so the sweep needs,
+per (model, resolution), two numbers for one trial at the protocol's batch (40 studies ~ 60 images):
+
+* ``memory_gb``: its peak GPU memory, CUDA context included (what another process cannot use);
+* ``busy_share``: the share of the GPU's capacity it keeps busy alone (0..1).
+
+The rule (:func:`gpus_per_trial`): the largest k in (4, 3, 2) such that k trials fit in
+``MEMORY_HEADROOM`` of the GPU's memory AND their summed busy share is at most ``BUSY_LIMIT``
+gives 1/k; otherwise 1 (a whole GPU). Unknown models are never packed.
+
+Where the numbers come from, in order of trust:
+
+1. **Measured** on a GPU by ``bench/gpu_check.py`` (``load_measurements(path)`` reads its JSON):
+   memory = ``torch.cuda.max_memory_reserved`` of the trial + ``CUDA_CONTEXT_GB``; busy share =
+   1 / packing gain where the check ran two copies at once (the direct measure of what packing
+   buys), else NVML ``utilization.gpu`` during the timed loop (an upper bound: it counts the GPU
+   busy while any kernel runs, however few SMs it uses, so it only under-packs).
+2. **Estimates** (:func:`estimate`, used for everything not measured), from figures measured on
+   CPU and kept in ``CPU_PROFILE`` (``python -m orchestrator.packing --profile-cpu`` recomputes
+   them): parameter count, bytes of tensors autograd saves per image at 128 px (fp32), forward
+   FLOPs per image at 128 px, and the number of aten operations one forward dispatches. Then, at resolution R and batch B:
+
+   - memory = 16 B x params (fp32 weights, grads, two AdamW moments)
+     + 0.5 x saved bytes x (R/128)^2 x B x ``ACTIVATION_SLACK`` (bf16 autocast halves the
+     saved activations; slack covers cuDNN workspaces and allocator fragmentation)
+     + ``CUDA_CONTEXT_GB``;
+   - GPU time per step = 3 x forward FLOPs x (R/128)^2 x B / the family's effective rate, the
+     rates calibrated on the issue's H100 targets (ResNet50 8,700 img/s and DenseNet121 6,400
+     img/s at 160 px; EfficientNet's depthwise convolutions at a quarter of the ResNet rate);
+     CPU time per step = ``LAUNCH_S`` x (3 x forward aten ops + ``FIXED_KERNELS``) (eager
+     PyTorch launches kernels one by one, backward ~2 per forward op; a small step is bound by
+     that);
+     busy share = GPU time / max(GPU time, CPU time).
+
+   These are ESTIMATES, to be replaced by measurements: they say which trials are small, not how
+   small exactly. ``Footprint.source`` says which one a number is.
+
+How the sweep uses it (``orchestrator/sweep.py``, ``--gpus-per-trial auto``)::
+
+    from orchestrator import packing
+    table = packing.load_table(measurements_path)      # estimates, overridden by a gpu_check JSON
+    gpu_gb = packing.detect_gpu_memory_gb() or 80.0    # or a --gpu-memory-gb flag
+    fraction = packing.gpus_per_trial(model, resolution, gpu_gb, table)
+    # per trial: tune.with_resources(trainable, lambda spec: {"cpu": c, "gpu": fraction_of(spec)})
+    # dry run: print(packing.describe(points, gpu_gb, table))
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+#: Per-process GPU memory that torch's allocator counters do not show (CUDA context, cuDNN/cuBLAS
+#: handles and kernels): ~0.5-0.7 GB on Hopper with CUDA 12/13.
+CUDA_CONTEXT_GB = 0.6
+#: Packed trials may use at most this share of the GPU's memory (the rest: fragmentation, spikes).
+MEMORY_HEADROOM = 0.85
+#: Packed trials' summed busy share may reach this; beyond it they slow each other down.
+BUSY_LIMIT = 0.9
+#: The fractions tried, most packed first (Ray accepts any fraction; these divide 1 evenly).
+PACKINGS = (4, 3, 2)
+#: The protocol's batch: 40 studies ~ 60 images (CheXpert: ~1.5 images per study).
+IMAGES_PER_BATCH = 60
+#: Estimate constants (see the module docstring).
+ACTIVATION_SLACK = 1.3
+LAUNCH_S = 10e-6          # eager PyTorch: ~10 us of CPU per kernel launch incl. autograd
+FIXED_KERNELS = 120       # augmentation, normalisation, loss, foreach-AdamW and scheduler per step
+REFERENCE_RESOLUTION = 128
+
+#: Measured on CPU (this repository's models, ``weights='none'``, 5 outputs) by
+#: ``python -m orchestrator.packing --profile-cpu``: parameters, bytes autograd saves per image at
+#: 128 px in fp32 (distinct storages), forward FLOPs per image at 128 px (torch FlopCounterMode),
+#: aten operations one forward dispatches (~ kernels launched).
+CPU_PROFILE: dict[str, dict[str, float]] = {}   # filled below from _CPU_PROFILE_ROWS
+
+_CPU_PROFILE_ROWS = """
+"""
+
+
+def _family(model: str) -> str:
+    for fam in ("resnet", "densenet", "efficientnet"):
+        if model.startswith(fam):
+            return fam
+    return "other"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One trial of (model, resolution) at the protocol batch on one GPU."""
+    memory_gb: float
+    busy_share: float
+    source: str            # 'estimate' or 'measured: <device>, <date>[, probe]'
+
+
+Table = Mapping[tuple[str, int], Footprint]
+
+
+def _rates() -> dict[str, float]:
+    """Effective training FLOP/s per family, calibrated on the issue's H100 targets at 160 px."""
+    def rate(model: str, images_per_s: float) -> float:
+        p = CPU_PROFILE[model]
+        return images_per_s * 3 * p["fwd_flops_at128"] * (160 / REFERENCE_RESOLUTION) ** 2
+    out = {}
+    if "resnet50" in CPU_PROFILE:
+        out["resnet"] = rate("resnet50", 8700)
+        out["efficientnet"] = out["resnet"] / 4
+        out["other"] = out["resnet"] / 2
+    if "densenet121" in CPU_PROFILE:
+        out["densenet"] = rate("densenet121", 6400)
+    return out
+
+
+def estimate(model: str, resolution: int, images: int = IMAGES_PER_BATCH) -> Footprint | None:
+    """The CPU-profile estimate for a trial, or None for a model without a profile."""
+    p = CPU_PROFILE.get(model)
+    if p is None:
+        return None
+    scale = (resolution / REFERENCE_RESOLUTION) ** 2
+    memory = (16 * p["params"] + 0.5 * p["saved_bytes_at128"] * scale * images * ACTIVATION_SLACK) / 1e9
+    gpu_s = 3 * p["fwd_flops_at128"] * scale * images / _rates()[_family(model)]
+    cpu_s = LAUNCH_S * (3 * p["fwd_ops"] + FIXED_KERNELS)
+    busy = gpu_s / max(gpu_s, cpu_s)
+    return Footprint(memory_gb=round(memory + CUDA_CONTEXT_GB, 2), busy_share=round(busy, 2),
+                     source="estimate")
+
+
+def estimate_table(models: Iterable[str] | None = None,
+                   resolutions: Iterable[int] = (160, 240, 320, 400, 480)) -> dict:
+    return {(m, int(r)): estimate(m, int(r)) for m in (models or CPU_PROFILE) for r in resolutions
+            if m in CPU_PROFILE}
+
+
+def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
+    """Footprints measured by ``bench/gpu_check.py`` (its JSON document), keyed (model, resolution).
+
+    Only configs that ran on CUDA with a synthetic measurement are taken. The busy share is
+    1 / packing gain where the check's packing probe ran that config, else NVML's utilisation.
+    """
+    with open(json_path) as f:
+        report = json.load(f)
+    if report.get("device_type") != "cuda":
+        return {}
+    env = report.get("env") if isinstance(report.get("env"), dict) else {}
+    where = f"measured: {env.get('device_name', 'cuda')}, {str(report.get('started', ''))[:10]}"
+    probe = report.get("packing_probe") if isinstance(report.get("packing_probe"), dict) else {}
+    out: dict[tuple[str, int], Footprint] = {}
+    for section in ("configs", "extra"):
+        value = report.get(section)
+        if not isinstance(value, dict):
+            continue
+        for rec in value.get("results", []):
+            syn = rec.get("synthetic")
+            if not isinstance(syn, dict) or "images_per_s" not in syn:
+                continue
+            mem_bytes = syn.get("peak_memory_reserved_bytes") or syn.get("peak_memory_allocated_bytes")
+            if not mem_bytes:
+                continue
+            key = (rec["model"], int(rec["resolution"]))
+            busy, source = syn.get("busy_share"), where
+            if (probe.get("model"), probe.get("resolution")) == key and probe.get("packing_gain"):
+                busy, source = min(1.0, 1.0 / float(probe["packing_gain"])), where + ", probe"
+            if busy is None:
+                continue
+            out[key] = Footprint(memory_gb=round(mem_bytes / 1e9 + CUDA_CONTEXT_GB, 2),
+                                 busy_share=round(float(busy), 2), source=source)
+    return out
+
+
+def load_table(measurements: str | None = None) -> dict[tuple[str, int], Footprint]:
+    """Estimates for every profiled model at the protocol resolutions, overridden by the
+    measurements in ``measurements`` (a gpu_check JSON), if given."""
+    table = estimate_table()
+    if measurements:
+        table.update(load_measurements(measurements))
+    return table
+
+
+def footprint(model: str, resolution: int, table: Table | None = None) -> Footprint | None:
+    """The table's entry, else the estimate at this resolution, else None (unknown model)."""
+    if table is not None and (model, int(resolution)) in table:
+        return table[(model, int(resolution))]
+    return estimate(model, int(resolution))
+
+
+def gpus_per_trial(model: str, resolution: int, gpu_memory_gb: float, table: Table | None = None) -> float:
+    """1, 1/2, 1/3 or 1/4: the GPU share one trial of (model, resolution) is given.
+
+    The most packed k in (4, 3, 2) with k x memory <= MEMORY_HEADROOM x GPU memory and
+    k x busy share <= BUSY_LIMIT, else a whole GPU. A model with no footprint gets a whole GPU.
+
+    >>> t = {("efficientnet-b0", 160): Footprint(2.0, 0.3, "test"), ("resnet50", 480): Footprint(20, 0.97, "test")}
+    >>> gpus_per_trial("efficientnet-b0", 160, 80, t)
+    0.3333333333333333
+    >>> gpus_per_trial("resnet50", 480, 80, t)
+    1.0
+    >>> gpus_per_trial("efficientnet-b0", 160, 5, t)   # memory: two would need 4 GB of 4.25
+    0.5
+    """
+    fp = footprint(model, resolution, table)
+    if fp is None or gpu_memory_gb <= 0:
+        return 1.0
+    for k in PACKINGS:
+        if k * fp.memory_gb <= MEMORY_HEADROOM * gpu_memory_gb and k * fp.busy_share <= BUSY_LIMIT:
+            return 1.0 / k
+    return 1.0
+
+
+def detect_gpu_memory_gb() -> float | None:
+    """Memory of this machine's first GPU in GB (1e9 bytes), or None without CUDA. On a cluster
+    the driver may have no GPU: pass the workers' GPU memory explicitly instead."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 1e9
+    except Exception:
+        pass
+    return None
+
+
+def format_fraction(fraction: float) -> str:
+    k = round(1 / fraction) if fraction > 0 else 0
+    return "1" if fraction >= 1 else f"1/{k}"
+
+
+def describe(points: Iterable[tuple[str, int]], gpu_memory_gb: float, table: Table | None = None) -> str:
+    """Dry-run lines: per distinct (model, resolution) the GPU share and why."""
+    lines = [f"GPU packing (--gpus-per-trial auto, {gpu_memory_gb:.0f} GB per GPU; memory "
+             f"<= {MEMORY_HEADROOM:.0%} of it, summed busy share <= {BUSY_LIMIT}):"]
+    for model, res in sorted(set((m, int(r)) for m, r in points), key=lambda x: (x[1], x[0])):
+        fp = footprint(model, res, table)
+        frac = gpus_per_trial(model, res, gpu_memory_gb, table)
+        if fp is None:
+            lines.append(f"  r{res} {model}: 1 GPU (no footprint known for this model)")
+        else:
+            lines.append(f"  r{res} {model}: {format_fraction(frac)} GPU (one trial ~{fp.memory_gb:.1f} GB, "
+                         f"busy {fp.busy_share:.2f}; {fp.source})")
+    return "\n".join(lines)
+
+
+# --- the CPU profile behind the estimates ------------------------------------------------------------
+def profile_cpu(model: str, resolution: int = REFERENCE_RESOLUTION) -> dict[str, float]:
+    """Parameters, fp32 bytes autograd saves per image, forward FLOPs per image and aten ops of
+    one model at ``resolution``, measured on CPU with a batch of 2 (training mode)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.models import create_model
+    torch.manual_seed(0)
+    net = create_model(model, resolution, outputs=5, weights="none").train()
+    saved, seen = [0], set()
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:   # count each storage once (views share one)
+            seen.add(key)
+            saved[0] += t.untyped_storage().nbytes()
+        return t
+
+    class CountOps(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 3, resolution, resolution)
+    with FlopCounterMode(display=False) as counter, CountOps():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(x)
+    return {"params": float(sum(p.numel() for p in net.parameters())),
+            "saved_bytes_at128": saved[0] / 2, "fwd_flops_at128": counter.get_total_flops() / 2,
+            "fwd_ops": float(CountOps.ops)}
+
+
+def _load_profile_rows(text: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for line in text.strip().splitlines():
+        name, params, saved, flops, ops = line.split()
+        out[name] = {"params": float(params), "saved_bytes_at128": float(saved),
+                     "fwd_flops_at128": float(flops), "fwd_ops": float(ops)}
+    return out
+
+
+CPU_PROFILE.update(_load_profile_rows(_CPU_PROFILE_ROWS))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.packing", description=__doc__.split("\n")[0],
+        epilog="examples:\n  python -m orchestrator.packing --gpu-memory-gb 80\n"
+               "  python -m orchestrator.packing --measurements gpu_check.json --models efficientnet-b0,resnet50\n"
+               "  python -m orchestrator.packing --profile-cpu resnet50,efficientnet-b0   # recompute CPU_PROFILE rows\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measurements", default=None, help="a bench/gpu_check.py JSON to override the estimates")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory (default: this GPU, else 80)")
+    parser.add_argument("--models", default=None, help="comma-separated (default: every profiled model)")
+    parser.add_argument("--resolutions", default="160,240,320,400,480")
+    parser.add_argument("--profile-cpu", default=None, metavar="MODELS",
+                        help="measure the CPU profile of these models and print CPU_PROFILE rows")
+    args = parser.parse_args(argv)
+    if args.profile_cpu:
+        for m in args.profile_cpu.split(","):
+            p = profile_cpu(m.strip())
+            print(f"{m.strip()} {p['params']:.0f} {p['saved_bytes_at128']:.0f} {p['fwd_flops_at128']:.0f} "
+                  f"{p['fwd_ops']:.0f}", flush=True)
+        return 0
+    try:
+        resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    except ValueError:
+        print(f"error: --resolutions {args.resolutions!r}: integers expected", file=sys.stderr)
+        return 2
+    if args.measurements and not os.path.exists(args.measurements):
+        print(f"error: --measurements {args.measurements}: no such file", file=sys.stderr)
+        return 2
+    gpu_gb = args.gpu_memory_gb or detect_gpu_memory_gb() or 80.0
+    table = load_table(args.measurements)
+    models = [m.strip() for m in args.models.split(",")] if args.models else sorted(CPU_PROFILE)
+    print(describe([(m, r) for m in models for r in resolutions], gpu_gb, table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Fractional-GPU packing: the rule, the estimates, and loading gpu_check measurements."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator import packing
+from orchestrator.packing import Footprint, gpus_per_trial
+
+
+def test_rule_packs_by_memory_and_busy_share():
+    table = {
+        ("small", 160): Footprint(memory_gb=2.0, busy_share=0.2, source="test"),
+        ("medium", 160): Footprint(memory_gb=2.0, busy_share=0.4, source="test"),
+        ("busy", 160): Footprint(memory_gb=2.0, busy_share=0.5, source="test"),
+        ("big", 480): Footprint(memory_gb=30.0, busy_share=0.2, source="test"),
+    }
+    assert gpus_per_trial("small", 160, 80, table) == pytest.approx(1 / 4)   # 4 x 0.2 = 0.8 <= 0.9
+    assert gpus_per_trial("medium", 160, 80, table) == pytest.approx(1 / 2)  # 3 x 0.4 = 1.2 > 0.9
+    assert gpus_per_trial("busy", 160, 80, table) == 1.0                     # 2 x 0.5 = 1.0 > 0.9
+    # memory: 2 x 30 GB = 60 <= 0.85 x 80 = 68, 3 x 30 = 90 does not fit
+    assert gpus_per_trial("big", 480, 80, table) == pytest.approx(1 / 2)
+    assert gpus_per_trial("big", 480, 40, table) == 1.0                      # 2 x 30 > 34
+    # boundaries are inclusive: 4 x 0.225 = 0.9, 4 x 17 = 68 = 0.85 x 80
+    edge = {("edge", 160): Footprint(memory_gb=17.0, busy_share=0.225, source="test")}
+    assert gpus_per_trial("edge", 160, 80, edge) == pytest.approx(1 / 4)
+
+
+def test_unknown_model_gets_a_whole_gpu():
+    assert packing.footprint("no-such-net", 320) is None
+    assert gpus_per_trial("no-such-net", 320, 80, {}) == 1.0
+    assert gpus_per_trial("resnet50", 320, 0, {}) == 1.0
+
+
+def test_estimates_cover_the_protocol_models_and_scale_with_resolution():
+    for model in ("resnet50", "resnet152", "densenet121", "densenet161", "efficientnet-b0",
+                  "efficientnet-b5"):
+        lo, hi = packing.estimate(model, 160), packing.estimate(model, 480)
+        assert lo is not None and hi is not None, model
+        assert lo.source == "estimate"
+        assert CONTEXT < lo.memory_gb < hi.memory_gb, model           # activations grow with R^2
+        assert 0 < lo.busy_share <= hi.busy_share <= 1, model          # bigger steps fill the GPU
+    # the issue's example: a small trial is packed on an 80 GB GPU, a large one is not
+    assert gpus_per_trial("efficientnet-b0", 160, 80) < 1
+    assert gpus_per_trial("resnet152", 480, 80) == 1.0
+    assert gpus_per_trial("densenet161", 480, 80) == 1.0
+
+
+CONTEXT = packing.CUDA_CONTEXT_GB
+
+
+def _report(tmp_path, device_type="cuda", probe_gain=None):
+    report = {
+        "device_type": device_type, "started": "2026-11-26T02:00:00+00:00",
+        "env": {"device_name": "NVIDIA H100 80GB HBM3"},
+        "configs": {"results": [
+            {"model": "efficientnet-b0", "resolution": 160,
+             "synthetic": {"images_per_s": 3000.0, "busy_share": 0.8,
+                           "peak_memory_reserved_bytes": 3_000_000_000}},
+            {"model": "resnet50", "resolution": 480,
+             "synthetic": {"images_per_s": 900.0, "busy_share": 0.99,
+                           "peak_memory_reserved_bytes": 21_000_000_000}},
+            {"model": "densenet121", "resolution": 480, "synthetic": {"error": "OOM"}},
+            {"model": "resnet152", "resolution": 320, "synthetic": "skipped: budget"},
+        ]},
+        "packing_probe": {"model": "efficientnet-b0", "resolution": 160, "packing_gain": probe_gain}
+        if probe_gain else "skipped: budget",
+    }
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def test_load_measurements_reads_gpu_check_json(tmp_path):
+    table = packing.load_measurements(_report(tmp_path))
+    assert set(table) == {("efficientnet-b0", 160), ("resnet50", 480)}   # failed/skipped left out
+    fp = table[("efficientnet-b0", 160)]
+    assert fp.memory_gb == pytest.approx(3.0 + CONTEXT)
+    assert fp.busy_share == pytest.approx(0.8)
+    assert fp.source.startswith("measured: NVIDIA H100")
+    # NVML says 0.8 busy: not packed (2 x 0.8 > 0.9)
+    assert gpus_per_trial("efficientnet-b0", 160, 80, table) == 1.0
+
+
+def test_probe_gain_overrides_nvml_busy_share(tmp_path):
+    table = packing.load_measurements(_report(tmp_path, probe_gain=2.5))
+    fp = table[("efficientnet-b0", 160)]
+    assert fp.busy_share == pytest.approx(0.4) and fp.source.endswith("probe")
+    assert gpus_per_trial("efficientnet-b0", 160, 80, table) == pytest.approx(1 / 2)
+
+
+def test_cpu_measurements_are_ignored_and_table_merges(tmp_path):
+    assert packing.load_measurements(_report(tmp_path, device_type="cpu")) == {}
+    merged = packing.load_table(_report(tmp_path))
+    assert merged[("resnet50", 480)].source.startswith("measured")
+    assert merged[("densenet121", 480)].source == "estimate"     # measurement failed: estimate kept
+
+
+def test_describe_and_cli(tmp_path, capsys):
+    text = packing.describe([("efficientnet-b0", 160), ("resnet50", 480), ("mystery", 320)], 80)
+    assert "r160 efficientnet-b0" in text and "r480 resnet50: 1 GPU" in text
+    assert "no footprint known" in text
+    assert packing.main(["--gpu-memory-gb", "80", "--models", "efficientnet-b0", "--resolutions", "160",
+                         "--measurements", _report(tmp_path, probe_gain=2.5)]) == 0
+    out = capsys.readouterr().out
+    assert "r160 efficientnet-b0: 1/2 GPU" in out and "measured" in out
+    assert packing.main(["--measurements", str(tmp_path / "missing.json")]) == 2
