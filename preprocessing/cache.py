@@ -13,8 +13,8 @@ Layout: ``CACHE_DIR/<manifest hash[:16]>/`` is an ordinary store folder holding 
 copied so far, plus ``.complete-res<R>.json`` per finished resolution. A rebuilt store has a new
 manifest hash and so gets a new folder; stale folders are never mixed with new shards.
 
-Concurrency: trials on one node serialise on an ``fcntl`` lock file per store; the first copies,
-the rest wait and then reuse. Files are copied into a staging folder and renamed into place once
+Concurrency: trials on one node serialise on an ``fcntl`` lock file per store and resolution; the
+first copies, the rest wait and then reuse (other resolutions copy meanwhile). Files are copied into a staging folder and renamed into place once
 their sha256 matches; the completion marker is written last, so a copy cut short (a killed trial,
 a full disk, a preempted node) is never used: the next caller finishes it. The lock is released by
 the kernel when its holder dies, so no stale lock survives a crash. The cache folder must be on a
@@ -79,10 +79,11 @@ def local_store(store_location: str, resolution: int, cache_dir: str) -> str:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise CacheError(f"cannot create the store cache folder {folder}: {exc}") from None
-    with _locked(folder + ".lock"):
+    # One lock per resolution: trials of another resolution on this node copy at the same time.
+    with _locked(f"{folder}.res{resolution}.lock"):
         if _complete(folder, marker, shards):
             return folder
-        _fill(store_location, folder, manifest, shards)
+        _fill(store_location, folder, manifest, shards, resolution)
         _write_file(marker, json.dumps({"store": storage.display(store_location),
                                         "manifest_hash": manifest_hash(manifest),
                                         "resolution": resolution,
@@ -120,10 +121,11 @@ def _complete(folder: str, marker: str, shards: list[dict]) -> bool:
     return True
 
 
-def _fill(store_location: str, folder: str, manifest: dict, shards: list[dict]) -> None:
-    """Copy what is missing into ``folder``. Runs under the lock."""
-    for name in os.listdir(folder):        # leftovers of a copy that died: only we write here now
-        if name.startswith(_STAGING):
+def _fill(store_location: str, folder: str, manifest: dict, shards: list[dict], resolution: int) -> None:
+    """Copy what is missing of one resolution into ``folder``. Runs under that resolution's lock."""
+    staging_prefix = f"{_STAGING}res{resolution}-"
+    for name in os.listdir(folder):   # leftovers of a copy of this resolution that died
+        if name.startswith(staging_prefix):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
     todo = [s for s in shards if not _matches(os.path.join(folder, s["path"]), s)]
     need = sum(s["bytes"] for s in todo)
@@ -132,7 +134,7 @@ def _fill(store_location: str, folder: str, manifest: dict, shards: list[dict]) 
         raise CacheError(f"store cache {folder}: resolution needs {need / 1e9:.2f} GB more, "
                          f"only {free / 1e9:.2f} GB free on that disk")
 
-    staging = os.path.join(folder, f"{_STAGING}{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(folder, f"{staging_prefix}{uuid.uuid4().hex[:8]}")
     os.makedirs(staging)
     try:
         # The original's bytes, so the local store has the same manifest hash; checked against the

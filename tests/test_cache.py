@@ -149,7 +149,7 @@ def test_rebuilt_store_gets_its_own_folder_and_bad_input_is_one_line(tmp_path, s
 
 
 def _trial(args):
-    out, cache_dir, log = args
+    out, cache_dir, log, resolution = (*args, 32) if len(args) == 3 else args
     real = cache._copy
 
     def logged(src, dst):
@@ -159,8 +159,8 @@ def _trial(args):
         time.sleep(0.05)                   # widen the window in which a second trial could race
         return real(src, dst)
     cache._copy = logged
-    local = local_store(out, 32, cache_dir)
-    return local, open_store(local, resolution=32).read(32, "train").num_rows
+    local = local_store(out, resolution, cache_dir)
+    return local, open_store(local, resolution=resolution).read(resolution, "train").num_rows
 
 
 def test_concurrent_trials_on_one_node_copy_once(tmp_path, store):
@@ -173,6 +173,18 @@ def test_concurrent_trials_on_one_node_copy_once(tmp_path, store):
     assert {r[1] for r in results} == {manifest["counts"]["per_split"]["train"]["stored"]}
     lines = open(log).read().split()
     assert len(lines) == len(set(lines)) == 4          # every shard copied exactly once
+
+
+def test_concurrent_trials_of_two_resolutions_share_the_folder(tmp_path, store):
+    out, manifest = store
+    log = str(tmp_path / "copies.log")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(4) as pool:
+        results = pool.map(_trial, [(out, str(tmp_path / "cache"), log, r) for r in (16, 32, 16, 32)])
+    assert len({r[0] for r in results}) == 1
+    lines = open(log).read().split()
+    assert len(lines) == len(set(lines)) == len(manifest["shards"])   # both resolutions, each once
+    assert not [n for n in os.listdir(results[0][0]) if n.startswith(".partial-")]
 
 
 # --- s3:// on a local S3-compatible server ---------------------------------------------------

@@ -203,7 +203,7 @@ def test_setup_installs_this_project_at_the_shipped_commit(path):
     assert f"{REMOTE_HOME}/.cxr-sweep/cxr-sweep.bundle" in config["file_mounts"]
     if path == CLUSTER_YAML:
         assert json.dumps(config).count("REPLACE_BUCKET") == 1     # the bucket is named in one place
-    for var in ("CXR_STORE", "CXR_STORAGE", "CXR_WEIGHTS", "CXR_CACHE_DIR"):
+    for var in ("CXR_STORE", "CXR_STORAGE", "CXR_WEIGHTS_DIR", "CXR_CACHE_DIR"):
         assert f"export {var}=" in setup
 
 
@@ -270,3 +270,19 @@ def test_iam_policies_grant_the_bucket_and_launching_only():
     assert passrole and all(s["Resource"].endswith(":role/cxr-sweep-worker") for s in passrole)
     assert not any(a.startswith("s3:") for s in head["Statement"]
                    for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_node_configs_are_valid_ec2_run_instances_arguments(path):
+    """Every node_config is what the launcher passes to EC2 RunInstances: check each field name and
+    type against botocore's EC2 API model (offline), so a misspelt field fails here, not at launch."""
+    botocore_session = pytest.importorskip("botocore.session")
+    from botocore.validate import ParamValidator
+    shape = botocore_session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    for name, node_type in load(path)["available_node_types"].items():
+        params = dict(node_type["node_config"], MinCount=1, MaxCount=1)
+        report = ParamValidator().validate(params, shape)
+        assert not report.has_errors(), f"{name}: {report.generate_report()}"
+    bad = dict(load(path)["available_node_types"]["a10g.spot"]["node_config"], MinCount=1, MaxCount=1)
+    bad["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOption": {}}           # misspelt
+    assert ParamValidator().validate(bad, shape).has_errors()

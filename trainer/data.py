@@ -219,6 +219,9 @@ def make_loader(batches: StudyBatches, workers: int, pin_memory: bool = False) -
         if "fork" in mp.get_all_start_methods():
             kwargs["multiprocessing_context"] = "fork"
         kwargs["prefetch_factor"] = 4
+        # Workers live for the whole trial: batches are keyed by (epoch, batch) from the sampler,
+        # so no per-epoch state has to reach them, and no epoch pays the start-up again.
+        kwargs["persistent_workers"] = True
     return DataLoader(batches, batch_size=None, sampler=EpochSampler(len(batches)),
                       num_workers=workers, pin_memory=pin_memory,
                       # A private generator: creating an iterator must not consume the global
