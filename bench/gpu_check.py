@@ -70,9 +70,9 @@ TARGET_SHARE = 0.75      # the issue asks for >= 75% of the estimate
 #: (model, resolution) in the order they run; the first block is required by the issue, the rest
 #: runs if the budget allows. ``loader`` says whether the real-loader measurement runs too.
 FULL_CONFIGS = [
-    ("resnet50", 160, True), ("resnet50", 480, True), ("densenet121", 160, True),
-    ("densenet121", 480, True), ("efficientnet-b0", 160, True), ("efficientnet-b5", 480, True),
-    ("resnet50", 320, True),
+    ("resnet50", 160, True), ("resnet50", 320, True), ("resnet50", 480, True),
+    ("densenet121", 160, True), ("densenet121", 480, True), ("efficientnet-b0", 160, True),
+    ("efficientnet-b5", 480, True),
 ]
 FULL_EXTRA_CONFIGS = [("resnet152", 320, True)]
 TINY_CONFIGS = [("resnet18", 32, True)]
@@ -520,8 +520,10 @@ def section_env(device: torch.device) -> dict:
 
 
 def run_configs(configs, device: torch.device, args, budget: Budget, store: dict | None,
-                workers: int) -> list[dict]:
-    """Synthetic and loader measurements per (model, resolution); each config try/except'd."""
+                workers: int, reserve_s: float = 0.0) -> list[dict]:
+    """Synthetic and loader measurements per (model, resolution); each config try/except'd.
+    A config starts only while ``reserve_s`` (kept for the later sections) plus its own need is
+    left in the budget."""
     results = []
     amp = device.type == "cuda" and not args.no_amp
     channels_last = device.type == "cuda" and not args.no_channels_last
@@ -532,7 +534,7 @@ def run_configs(configs, device: torch.device, args, budget: Budget, store: dict
         target = TARGETS.get(name, {}).get(res)
         if target and device.type == "cuda":
             rec["target_images_per_s"] = target
-        if not budget.allows(args.config_reserve_s):
+        if not budget.allows(args.config_reserve_s + reserve_s):
             rec["synthetic"] = rec["loader"] = "skipped: budget"
             results.append(rec)
             continue
@@ -580,7 +582,7 @@ def run_configs(configs, device: torch.device, args, budget: Budget, store: dict
         elif "oom_at_images_per_batch" in rec:
             rec["loader"] = {"error": "skipped: the synthetic batch ran out of memory at "
                                       f"{rec['oom_at_images_per_batch']} images (the phantom's batches are as large)"}
-        elif not budget.allows(args.loader_reserve_s):
+        elif not budget.allows(args.loader_reserve_s + reserve_s):
             rec["loader"] = "skipped: budget"
         else:
             try:
@@ -652,10 +654,20 @@ def section_mini_sweep(args, store: dict | None, device: torch.device, workdir: 
     if fake_gpu:
         cmd += ["--num-gpus", "1", "--workers", "0"]
     out["command"] = " ".join(cmd[1:])
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               CXR_RAY_DIR=os.path.join(workdir, "ray"),
+    # Ray's sockets live below the run dir and a socket path may not exceed 107 bytes: keep the
+    # parent short (CXR_RAY_DIR if the caller chose one, else a fresh folder directly in /tmp).
+    ray_parent = os.environ.get("CXR_RAY_DIR") or tempfile.mkdtemp(prefix="gck-", dir="/tmp")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", CXR_RAY_DIR=ray_parent,
                PYTHONPATH=os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    os.makedirs(env["CXR_RAY_DIR"], exist_ok=True)
+    os.makedirs(ray_parent, exist_ok=True)
+    try:
+        return _run_sweep(args, cmd, env, out, storage_dir)
+    finally:
+        if not os.environ.get("CXR_RAY_DIR"):
+            shutil.rmtree(ray_parent, ignore_errors=True)
+
+
+def _run_sweep(args, cmd: list[str], env: dict, out: dict, storage_dir: str) -> dict:
     t0 = time.perf_counter()
     # Its own process group: on a timeout the driver gets SIGINT first (the sweep then stops the
     # Ray instance it started), and only if that does not end it, the group gets SIGKILL.
@@ -841,7 +853,11 @@ def profile_step(args) -> int:
 
 # --- driver ----------------------------------------------------------------------------------------
 def _log(msg: str) -> None:
-    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    line = f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}"
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("OUT"):   # the device tool brings $OUT back: keep the progress log there too
+        with contextlib.suppress(OSError), open(os.path.join(os.environ["OUT"], "gpu_check.log"), "a") as f:
+            f.write(line + "\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -897,6 +913,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.probe_startup_s = 20.0 if tiny else 40.0
     args.config_reserve_s = 5.0 if tiny else 25.0     # a config needs this much budget to start
     args.loader_reserve_s = 3.0 if tiny else 15.0
+    # budget kept for the sections after the configs (the configs stop early to leave it)
+    args.section_reserve_s = {"mini_sweep": 30.0 if tiny else 90.0, "packing_probe": 20.0 if tiny else 60.0}
     return args
 
 
@@ -972,8 +990,9 @@ def main(argv=None, report: dict | None = None, out_path: str | None = None) -> 
         store_res = sorted({r for _, r, lo in configs + extra if lo} | {args.sweep_resolution})
         store = run_section("store", lambda: build_phantom_store(
             workdir, args.store_studies, store_res, args.source_size, workers), 20)
+        later = sum(args.section_reserve_s[k] for k in ("mini_sweep", "packing_probe") if k in want)
         res_list = run_section("configs", lambda: {"results": run_configs(
-            configs, device, args, budget, store, workers)}, 10)
+            configs, device, args, budget, store, workers, reserve_s=later)}, 10)
         if isinstance(store, dict) and "location" in store:
             run_section("loader_rates", lambda: {"results": section_loader_rates(
                 store, sorted({r for _, r, lo in configs if lo}), workers, min(args.seconds, 2.0),

@@ -83,6 +83,13 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def format_cell(column: str, x: Any, digits: int = 4) -> str:
+    """A table cell: p-values below 0.001 in scientific notation (0.0000 would read as 'none')."""
+    if str(column).startswith("p_") and isinstance(x, (float, np.floating)) and 0 < x < 1e-3:
+        return f"{x:.1e}"
+    return _fmt(x, digits)
+
+
 def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
     """A GitHub-flavoured Markdown table (no extra dependency); floats to ``digits`` places."""
     if df is None or df.empty:
@@ -92,7 +99,7 @@ def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
              "| " + " | ".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---"
                                for c in df.columns) + " |"]
     for row in df.itertuples(index=False):
-        cells = [_fmt(v, digits).replace("|", "\\|") for v in row]
+        cells = [format_cell(c, v, digits).replace("|", "\\|") for c, v in zip(cols, row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -83,9 +83,26 @@ def gradcam(model, images, output: int) -> CamResult:
 @dataclass
 class InputImage:
     location: str
-    name: str
+    name: str                   # unique label in the figure (CheXpert names repeat: view1_frontal.jpg)
     data: bytes
     size: tuple[int, int]       # (width, height) of the file
+
+    @property
+    def file_name(self) -> str:
+        """The base name, as NIH's box list names images."""
+        return posixpath.basename(storage.display(self.location))
+
+
+def unique_names(images: list[InputImage]) -> None:
+    """Label each image by the shortest path suffix that tells it from the others
+    (``patient00109/study1/view1_frontal.jpg`` rather than ``view1_frontal.jpg`` twice)."""
+    parts = [storage.display(im.location).replace("\\", "/").split("/") for im in images]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            break
+    for im, name in zip(images, names):
+        im.name = name
 
 
 def read_image(location: str) -> InputImage:
@@ -307,7 +324,7 @@ def render(panels: list[Panel], boxes: list[Box] | None = None) -> bytes:
             ax.set_xlabel(f"{p.run.model}  val AUROC {p.run.auroc:.3f}", fontsize=7)
             sx, sy = res / p.image.size[0], res / p.image.size[1]
             for b in boxes:
-                if b.image == name and b.task_key == key:
+                if b.image == p.image.file_name and b.task_key == key:
                     ax.add_patch(Rectangle((b.x * sx - 0.5, b.y * sy - 0.5), b.w * sx, b.h * sy,
                                            fill=False, edgecolor="lime", lw=1.4))
     fig.suptitle("Grad-CAM of the best checkpoint per task and resolution"
@@ -354,8 +371,9 @@ def run(args: argparse.Namespace) -> int:
     if not storage.exists(args.sweep):
         raise UserError(f"--sweep: {storage.display(args.sweep)} does not exist")
     images = [read_image(p) for p in args.images]
-    if len({im.name for im in images}) != len(images):
-        raise UserError("--images: two images have the same file name")
+    if len({storage.display(im.location) for im in images}) != len(images):
+        raise UserError("--images: an image is given twice")
+    unique_names(images)
     boxes = read_boxes(args.boxes) if args.boxes else []
     device = args.device
     if device == "auto":
@@ -372,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     failed = sorted({p.run.trial_id + ": " + p.error for p in panels if p.error})
     for line in failed:
         print(f"warning: {line}", file=sys.stderr)
-    names = {im.name for im in images}
+    names = {im.file_name for im in images}
     used = [b for b in boxes if b.image in names]
     unmatched = sorted({b.label for b in used if b.task_key is None})
     print(f"wrote {storage.display(out)}: {len(images)} image(s) x {len({r.resolution for r in runs})} "

@@ -54,6 +54,8 @@ class RayHandle:
 def cluster_address(address: str | None) -> str | None:
     """The address to join: the flag, else ``RAY_ADDRESS``, else None (= embedded)."""
     address = (address or "").strip() or os.environ.get("RAY_ADDRESS", "").strip()
+    if address == "local":   # Ray's own spelling of "start a new local instance"
+        return None
     return address or None
 
 

@@ -44,9 +44,14 @@ How the sweep uses it (``orchestrator/sweep.py``, ``--gpus-per-trial auto``)::
     from orchestrator import packing
     table = packing.load_table(measurements_path)      # estimates, overridden by a gpu_check JSON
     gpu_gb = packing.detect_gpu_memory_gb() or 80.0    # or a --gpu-memory-gb flag
-    fraction = packing.gpus_per_trial(model, resolution, gpu_gb, table)
-    # per trial: tune.with_resources(trainable, lambda spec: {"cpu": c, "gpu": fraction_of(spec)})
-    # dry run: print(packing.describe(points, gpu_gb, table))
+    res = {t.trial_id: packing.trial_resources(t.params.model, t.params.resolution, cpus, gpu_gb, table)
+           for t in trials}
+    trainable = tune.with_resources(make_trainable(fn), lambda config: res[config["trial"]["trial_id"]])
+    # dry run: print(packing.describe([(t.params.model, t.params.resolution) for t in trials], gpu_gb, table))
+
+Tune accepts a function of the trial's config as its resources (checked here with Ray 2.60 and
+one fake GPU: two trials given ``{"cpu": 1, "gpu": 0.5}`` this way ran at the same time, both with
+CUDA_VISIBLE_DEVICES=0).
 """
 from __future__ import annotations
 
@@ -226,6 +231,25 @@ def gpus_per_trial(model: str, resolution: int, gpu_memory_gb: float, table: Tab
         if k * fp.memory_gb <= MEMORY_HEADROOM * gpu_memory_gb and k * fp.busy_share <= BUSY_LIMIT:
             return 1.0 / k
     return 1.0
+
+
+def parse_gpus_per_trial(text: str) -> float | str:
+    """``--gpus-per-trial`` value: ``'auto'`` or a number (validated by the sweep as before)."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        from preprocessing.cli import UserError
+        raise UserError(f"--gpus-per-trial: {text!r} is not a number or 'auto'") from None
+
+
+def trial_resources(model: str, resolution: int, cpus_per_trial: float, gpu_memory_gb: float,
+                    table: Table | None = None) -> dict:
+    """The Tune resources of one trial under ``--gpus-per-trial auto``."""
+    return {"cpu": float(cpus_per_trial),
+            "gpu": gpus_per_trial(model, resolution, gpu_memory_gb, table)}
 
 
 def detect_gpu_memory_gb() -> float | None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO
 
-from ray.tune import Callback
+from ray.tune.progress_reporter import TrialProgressCallback
 
 
 @dataclass
@@ -51,14 +51,19 @@ def _tid(trial) -> str:
     return str(trial.config.get("trial", trial.config).get("trial_id", ""))
 
 
-class SweepProgress(Callback):
-    """Tune callback printing the sweep's progress; also usable without Tune (call the on_* methods)."""
+class SweepProgress(TrialProgressCallback):
+    """Tune callback printing the sweep's progress; also usable without Tune (call the on_* methods).
+
+    It subclasses Tune's TrialProgressCallback only so that Tune does not add its own one, which
+    prints "Trial ... completed. Last result: ..." even at verbose=0; every hook is overridden.
+    """
 
     def __init__(self, trials: dict[str, dict], finished: list[str] | None = None,
                  slots: int = 1, interval: float = 30.0, out: IO[str] | None = None,
                  epoch_lines: bool = True, sweep_loc: str | None = None):
         """``trials``: trial id -> {"resolution", "model", "total_epochs"} for every grid trial;
         ``finished``: ids already finished before this run (shown as finished, never started)."""
+        super().__init__()
         self.views = {tid: TrialView(trial_id=tid, resolution=int(t.get("resolution", 0)),
                                      model=str(t.get("model", "")),
                                      total_epochs=int(t.get("total_epochs", 0)))

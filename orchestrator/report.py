@@ -234,8 +234,8 @@ def html_table(df: pd.DataFrame, digits: int = 4) -> str:
     head = "".join(f"<th{cls[n]}>{_e(c)}</th>" for c, n in zip(df.columns, numeric))
     body = []
     for row in df.itertuples(index=False):
-        cells = "".join(f"<td{cls[n]}>{_e(agg._fmt(v, digits))}</td>"
-                        for v, n in zip(row, numeric))
+        cells = "".join(f"<td{cls[n]}>{_e(agg.format_cell(c, v, digits))}</td>"
+                        for c, v, n in zip(df.columns, row, numeric))
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

@@ -379,10 +379,14 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
     result.ran = list(plan.to_run)
 
     entries = ledger.read_all(sweep_loc)
-    for tid in plan.to_run:   # a worker may have died after result.json but before the ledger
-        if entries.get(tid, {}).get("state") != "finished" and ledger.effective_state(
-                entries.get(tid), sweep_loc, tid) == "finished":
-            ledger.adopt_finished(sweep_loc, tid)
+    for tid in plan.to_run:
+        state = entries.get(tid, {}).get("state")
+        if state != "finished" and ledger.effective_state(entries.get(tid), sweep_loc,
+                                                          tid) == "finished":
+            ledger.adopt_finished(sweep_loc, tid)   # died after result.json, before the ledger
+        elif state == "running" and entries[tid].get("driver_run") == run_id:
+            ledger.mark_failed(sweep_loc, tid, "the trial stopped without finishing (sweep "
+                               "interrupted, worker killed or out of memory, or node lost)")
     entries = ledger.read_all(sweep_loc)
     result.finished = [t for t in ids if entries.get(t, {}).get("state") == "finished"]
     result.failed = [t for t in ids if t not in set(result.finished)]
@@ -421,6 +425,10 @@ def _run_on_ray(*, sweep_loc, run_id, trials, all_trials, finished, address, cpu
         print(f"running {len(trials)} trials on {where}: {handle.total_cpus:g} CPUs, "
               f"{handle.total_gpus:g} GPUs; per trial {res}; up to {slots} at once",
               file=out, flush=True)
+        if handle.mode == "cluster" and not storage.is_remote(sweep_loc):
+            print(f"note: storage {sweep_loc} is a local path; on a multi-node cluster it must be a "
+                  f"shared filesystem mounted at the same path on every node (or use s3://...)",
+                  file=out, flush=True)
         specs = []
         for t in trials:
             cfg = t.config

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -20,13 +22,17 @@ SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
 
 def _run(tmp_path, sections: str, timeout: float) -> dict:
     out = tmp_path / "gpu_check.json"
+    # Ray's socket paths must stay under 107 bytes: its run dir goes in a short folder of /tmp.
+    ray_dir = tempfile.mkdtemp(prefix="gck-test-", dir="/tmp")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(tmp_path),
-               RAY_TMPDIR=str(tmp_path / "ray"), CXR_RAY_DIR=str(tmp_path / "rayrun"),
-               RAY_AUTH_TOKEN_PATH=str(tmp_path / "ray_token"))
+               RAY_TMPDIR=ray_dir, CXR_RAY_DIR=ray_dir, RAY_AUTH_TOKEN_PATH=os.path.join(ray_dir, "token"))
     env.pop("OUT", None)
-    proc = subprocess.run([sys.executable, SCRIPT, "--tiny", "--device", "cpu", "--sections", sections,
-                           "--budget-s", "900", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, SCRIPT, "--tiny", "--device", "cpu", "--sections", sections,
+                               "--budget-s", "900", "--out", str(out)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)
     written = json.loads(out.read_text())
@@ -78,7 +84,7 @@ def test_tiny_cpu_run_reports_every_section(tmp_path):
 def test_tiny_cpu_mini_sweep_pins_the_fake_gpu(tmp_path):
     report = _run(tmp_path, "env,store,mini_sweep", timeout=900)
     sweep = report["mini_sweep"]
-    assert "error" not in sweep, sweep
+    assert "error" not in sweep, (sweep.get("error"), sweep.get("output_tail"))
     assert sweep["returncode"] == 0 and sweep["fake_gpu"] is True
     assert sweep["trials_finished"] == 2
     for trial in sweep["trials"]:

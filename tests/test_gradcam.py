@@ -1,9 +1,6 @@
 """Grad-CAM: the heatmap peaks on a planted finding; the CLI draws the best checkpoints of a sweep."""
 from __future__ import annotations
 
-import io
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +10,10 @@ from PIL import Image
 from orchestrator import gradcam
 from preprocessing.cli import run_cli
 from trainer.models import CXRNet, create_model
-from test_aggregate import fabricate_sweep
+try:  # tests/ as a plain folder (pytest's default rootdir import) or as a package
+    from test_aggregate import fabricate_sweep
+except ImportError:
+    from tests.test_aggregate import fabricate_sweep
 
 
 class BrightDarkBody(nn.Module):
@@ -161,3 +161,15 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys):
     assert run_cli(gradcam.main, ["--sweep", fake.location, "--images", str(junk), "--tasks",
                                   "Nodule"]) == 2
     assert "--tasks: 'Nodule'" in capsys.readouterr().err
+
+
+def test_images_with_the_same_file_name_get_distinct_labels(tmp_path):
+    paths = []
+    for patient in ("patient00001", "patient00002"):
+        (tmp_path / patient / "study1").mkdir(parents=True)
+        paths.append(image_file(tmp_path / patient / "study1", "view1_frontal.jpg", size=64))
+    images = [gradcam.read_image(p) for p in paths]
+    gradcam.unique_names(images)
+    assert [im.name for im in images] == ["patient00001/study1/view1_frontal.jpg",
+                                          "patient00002/study1/view1_frontal.jpg"]
+    assert {im.file_name for im in images} == {"view1_frontal.jpg"}

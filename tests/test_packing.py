@@ -106,3 +106,14 @@ def test_describe_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "r160 efficientnet-b0: 1/2 GPU" in out and "measured" in out
     assert packing.main(["--measurements", str(tmp_path / "missing.json")]) == 2
+
+
+def test_sweep_helpers():
+    from preprocessing.cli import UserError
+    assert packing.parse_gpus_per_trial("auto") == "auto"
+    assert packing.parse_gpus_per_trial(" 0.5 ") == 0.5
+    with pytest.raises(UserError, match="gpus-per-trial"):
+        packing.parse_gpus_per_trial("half")
+    table = {("efficientnet-b0", 160): Footprint(2.0, 0.4, "test")}
+    assert packing.trial_resources("efficientnet-b0", 160, 2, 80, table) == {"cpu": 2.0, "gpu": 0.5}
+    assert packing.format_fraction(1 / 3) == "1/3" and packing.format_fraction(1.0) == "1"

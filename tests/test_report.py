@@ -20,7 +20,10 @@ import pytest
 from PIL import Image
 
 from orchestrator import aggregate as agg
-from test_aggregate import fabricate_sweep
+try:  # tests/ as a plain folder (pytest's default rootdir import) or as a package
+    from test_aggregate import fabricate_sweep
+except ImportError:
+    from tests.test_aggregate import fabricate_sweep
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -182,3 +182,25 @@ def by_value():
 
     from ray import cloudpickle   # Ray's vendored copy is the one that pickles tasks
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class RealTrialFailingOnce:
+    """trainer.train.run_trial, raising once right after epoch ``epoch`` was recorded (its
+    checkpoint is written before on_epoch), the first time only (marker file in marker_dir)."""
+
+    def __init__(self, marker_dir: str, epoch: int = 1):
+        self.marker_dir = marker_dir
+        self.epoch = epoch
+
+    def __call__(self, cfg, trial_dir, on_epoch=None):
+        from trainer.train import run_trial
+        marker = os.path.join(self.marker_dir, "failed-once")
+
+        def hook(record):
+            if on_epoch is not None:
+                on_epoch(record)
+            if record["epoch"] == self.epoch and not os.path.exists(marker):
+                open(marker, "a").close()
+                raise RuntimeError(f"injected failure after epoch {record['epoch']}")
+
+        return run_trial(cfg, trial_dir, on_epoch=hook)

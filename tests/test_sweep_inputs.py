@@ -4,6 +4,7 @@ No Ray is started here: validation happens before the sweep touches a cluster.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -144,3 +145,37 @@ def test_dry_run_prints_grid_and_estimate(capsys, store, tmp_path):
     assert "estimated GPU-hours" in out and "ESTIMATE" in out
     assert out.count("to run  ") == 4
     assert not os.path.exists(tmp_path / "sweeps" / "bad")   # a dry run writes nothing
+
+
+def test_progress_view_counts_and_eta():
+    from orchestrator.progress import SweepProgress, format_duration
+    out = io.StringIO()
+    trials = {f"t{i}": {"resolution": 160 if i < 2 else 320, "model": "resnet50", "total_epochs": 4}
+              for i in range(4)}
+    p = SweepProgress(trials, finished=["t3"], slots=2, interval=0, out=out)
+    assert p.eta_seconds() is None and p.counts() == {"finished": 1, "running": 0, "pending": 3,
+                                                      "failed": 0}
+    p.trial_started("t0")
+    p.epoch_done("t0", {"epoch": 1, "epoch_seconds": 10.0, "auroc_mean": 0.7})
+    p.epoch_done("t0", {"epoch": 2, "epoch_seconds": 10.0, "auroc_mean": 0.65})
+    # t0: 2 epochs left x 10 s; t1 (same model/res): 4 x 10 s; t2 (unseen kind): 4 x 10 s overall
+    assert p.eta_seconds() == pytest.approx((20 + 40 + 40) / 2)
+    p.trial_failed("t1", retrying=False, error="boom")
+    p.trial_finished("t0")
+    p.maybe_status(force=True)
+    text = out.getvalue()
+    assert "start t0" in text and "t0 epoch 2/4 AUROC 0.65" in text and "FAILED t1: boom" in text
+    assert "finished t0 best AUROC 0.7000" in text
+    assert "2/4 finished, 0 running, 1 pending, 1 failed" in text
+    assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
+
+
+def test_estimate_table_matches_the_anchors():
+    from orchestrator import estimate
+    # the published anchor: ResNet50 2,470 img/s at 224 px on an A100, x1.8 for an H100, ~1/pixels
+    assert estimate.images_per_s("resnet50", 224) == pytest.approx(2470 * 1.8)
+    assert estimate.images_per_s("resnet50", 448) == pytest.approx(2470 * 1.8 / 4)
+    assert estimate.images_per_s("densenet121", 160) / estimate.images_per_s("resnet50", 160) == \
+        pytest.approx(0.735, abs=0.01)
+    e = estimate.estimate([("resnet50", 224)], epochs=2, train_images=4446, valid_images=0)
+    assert e.gpu_hours == pytest.approx(2 / 3600)

@@ -363,7 +363,9 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
         # Bitwise-reproducible CPU runs (the resume guarantee rests on this).
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
-        torch.backends.cudnn.benchmark = True
+        # cudnn.benchmark stays off: a batch's image count varies with its studies (1-3 images
+        # each), and benchmark mode re-tunes every new shape (measured: docs/bench-trainer.md).
+        torch.backends.cudnn.benchmark = False
     try:
         latest_loc = storage.join(trial_dir, "checkpoints", ckpt.LATEST)
         resume = ckpt.load(latest_loc) if storage.exists(latest_loc) else None

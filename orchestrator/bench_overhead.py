@@ -1,0 +1,152 @@
+"""``python -m orchestrator.bench_overhead``: what the sweep machinery costs on top of the trials.
+
+Runs a real sweep (ledger, Tune, progress view, embedded local Ray) of N trials whose trial
+function only sleeps (``SleepTrial``: run_trial's signature and folder records, no training), so
+every second beyond the sleeping is orchestration. Reports:
+
+* wall time of the sweep against the ideal ``sum(trial times) / slots`` (with and without the
+  embedded Ray's start-up);
+* with fake GPUs (``--fake-gpus G``): the share of time every GPU slot is busy while trials remain
+  (from the first trial start to the last trial start), from the ledger's per-trial node/GPU/times.
+
+Trial times come from the ledger (trainable start to finish), so the per-trial start-up of a Ray
+worker process is counted as overhead, as it should be.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+from preprocessing import storage
+from preprocessing.cli import HelpFormatter, run_cli
+
+EPILOG = """examples:
+  python -m orchestrator.bench_overhead --trials 8 --epochs 2 --epoch-seconds 15 --slots 2
+  python -m orchestrator.bench_overhead --trials 8 --epochs 2 --epoch-seconds 15 --fake-gpus 4
+"""
+
+
+class SleepTrial:
+    """A trial function with run_trial's contract whose epochs only sleep."""
+
+    def __init__(self, epoch_seconds: float):
+        self.epoch_seconds = float(epoch_seconds)
+
+    def __call__(self, cfg, trial_dir, on_epoch=None):
+        result_loc = storage.join(trial_dir, "result.json")
+        if storage.exists(result_loc):
+            return storage.read_json(result_loc)
+        storage.makedirs(trial_dir)
+        history = []
+        for epoch in range(1, cfg.total_epochs + 1):
+            t0 = time.time()
+            time.sleep(self.epoch_seconds)
+            record = {"epoch": epoch, "stage": cfg.stage(epoch), "train_loss": 0.0, "val_loss": 0.0,
+                      "auroc_mean": 0.5, "images_per_s": 0.0, "epoch_seconds": time.time() - t0,
+                      "peak_memory_bytes": 0}
+            history.append(record)
+            storage.write_bytes(storage.join(trial_dir, "epochs.jsonl"),
+                                "".join(json.dumps(r) + "\n" for r in history).encode())
+            if on_epoch is not None:
+                on_epoch(dict(record))
+        result = {"trial_id": os.path.basename(trial_dir), "config": cfg.to_dict(), "best": {},
+                  "history": history, "seconds": sum(r["epoch_seconds"] for r in history)}
+        storage.write_json(result_loc, result)
+        return result
+
+
+def _ts(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def busy_share(intervals: dict[tuple, list[tuple[float, float]]], slots: int, start: float,
+               end: float) -> float:
+    """Share of slot-time in [start, end] during which the slots hold a trial."""
+    if end <= start:
+        return 1.0
+    busy = 0.0
+    for spans in intervals.values():
+        for a, b in spans:
+            busy += max(0.0, min(b, end) - max(a, start))
+    return busy / (slots * (end - start))
+
+
+def tiny_store(root: str) -> str:
+    from preprocessing.build import build_store
+    from preprocessing.phantom import make_phantom
+    images = os.path.join(root, "phantom")
+    make_phantom(images, studies=8, seed=0, min_size=64, max_size=72)
+    out = os.path.join(root, "store")
+    build_store(images, [os.path.join(images, "train.csv"), os.path.join(images, "valid.csv")], out,
+                resolutions=[32], use_ray=False, progress=False)
+    return out
+
+
+def bench(trials: int, epochs: int, epoch_seconds: float, slots: int, fake_gpus: int,
+          workdir: str) -> dict:
+    from orchestrator import ledger
+    from orchestrator.sweep import run_sweep
+    store = tiny_store(workdir)
+    per_trial_gpu = 1 if fake_gpus else 0
+    num_cpus = max(slots, fake_gpus)   # sleeping trials need no real CPU: logical CPUs suffice
+    n_slots = fake_gpus if fake_gpus else slots
+    t0 = time.time()
+    res = run_sweep(resolutions=[32], models=["resnet18"], seeds=list(range(trials)), store=store,
+                    storage_loc=os.path.join(workdir, "sweeps"), name="bench",
+                    config={"epochs_frozen": 1, "epochs_unfrozen": epochs - 1, "weights": "none"},
+                    trial_fn=SleepTrial(epoch_seconds), cpus_per_trial=1,
+                    gpus_per_trial=per_trial_gpu, num_cpus=num_cpus, num_gpus=fake_gpus,
+                    max_failures=0, progress_interval=3600, aggregate=False, out=io.StringIO())
+    wall = time.time() - t0
+    entries = ledger.read_all(res.sweep_loc)
+    spans, per_slot = [], {}
+    for e in entries.values():
+        for h in e["history"]:
+            a, b = _ts(h["started"]), _ts(h["ended"])
+            spans.append((a, b))
+            per_slot.setdefault((h.get("node_id"), tuple(h.get("gpu_ids") or [])), []).append((a, b))
+    trial_seconds = sum(b - a for a, b in spans)
+    ideal = trial_seconds / n_slots
+    first_start, last_start = min(a for a, _ in spans), max(a for a, _ in spans)
+    last_end = max(b for _, b in spans)
+    out = {"trials": trials, "epochs": epochs, "epoch_seconds": epoch_seconds, "slots": n_slots,
+           "fake_gpus": fake_gpus, "finished": sum(e["state"] == "finished" for e in entries.values()),
+           "wall_s": round(wall, 1), "first_trial_start_after_s": round(first_start - t0, 1),
+           "trials_wall_s": round(last_end - first_start, 1),
+           "sum_trial_s": round(trial_seconds, 1), "ideal_s": round(ideal, 1),
+           "sleep_ideal_s": round(trials * epochs * epoch_seconds / n_slots, 1),
+           "overhead_total": round(wall / ideal - 1, 4),
+           "overhead_after_ray_start": round((last_end - first_start) / ideal - 1, 4)}
+    if fake_gpus:
+        out["gpu_slots_seen"] = len(per_slot)
+        out["gpu_busy_share_while_trials_remain"] = round(
+            busy_share(per_slot, n_slots, first_start, last_start), 4)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.bench_overhead",
+                                description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per trial (>= 2)")
+    p.add_argument("--epoch-seconds", type=float, default=15.0, help="sleep per epoch")
+    p.add_argument("--slots", type=int, default=2, help="concurrent trials (CPUs of the local Ray)")
+    p.add_argument("--fake-gpus", type=int, default=0, help="pin trials to this many fake GPUs")
+    p.add_argument("--workdir", default=None, help="where the store and sweep go (default: temp)")
+    args = p.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="cxr-bench-")
+    result = bench(args.trials, max(2, args.epochs), args.epoch_seconds, args.slots, args.fake_gpus,
+                   workdir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="orchestrator.bench_overhead"))
