@@ -89,7 +89,7 @@ def tiny_store(root: str) -> str:
 
 
 def bench(trials: int, epochs: int, epoch_seconds: float, slots: int, fake_gpus: int,
-          workdir: str) -> dict:
+          workdir: str, reuse_actors: bool = True) -> dict:
     from orchestrator import ledger
     from orchestrator.sweep import run_sweep
     store = tiny_store(workdir)
@@ -102,7 +102,8 @@ def bench(trials: int, epochs: int, epoch_seconds: float, slots: int, fake_gpus:
                     config={"epochs_frozen": 1, "epochs_unfrozen": epochs - 1, "weights": "none"},
                     trial_fn=SleepTrial(epoch_seconds), cpus_per_trial=1,
                     gpus_per_trial=per_trial_gpu, num_cpus=num_cpus, num_gpus=fake_gpus,
-                    max_failures=0, progress_interval=3600, aggregate=False, out=io.StringIO())
+                    max_failures=0, progress_interval=3600, aggregate=False, out=io.StringIO(),
+                    reuse_actors=reuse_actors)
     wall = time.time() - t0
     entries = ledger.read_all(res.sweep_loc)
     spans, per_slot = [], {}
@@ -115,7 +116,8 @@ def bench(trials: int, epochs: int, epoch_seconds: float, slots: int, fake_gpus:
     ideal = trial_seconds / n_slots
     first_start, last_start = min(a for a, _ in spans), max(a for a, _ in spans)
     last_end = max(b for _, b in spans)
-    out = {"trials": trials, "epochs": epochs, "epoch_seconds": epoch_seconds, "slots": n_slots,
+    out = {"reuse_actors": reuse_actors, "trials": trials, "epochs": epochs,
+           "epoch_seconds": epoch_seconds, "slots": n_slots,
            "fake_gpus": fake_gpus, "finished": sum(e["state"] == "finished" for e in entries.values()),
            "wall_s": round(wall, 1), "first_trial_start_after_s": round(first_start - t0, 1),
            "trials_wall_s": round(last_end - first_start, 1),
@@ -139,11 +141,12 @@ def main(argv=None) -> int:
     p.add_argument("--epoch-seconds", type=float, default=15.0, help="sleep per epoch")
     p.add_argument("--slots", type=int, default=2, help="concurrent trials (CPUs of the local Ray)")
     p.add_argument("--fake-gpus", type=int, default=0, help="pin trials to this many fake GPUs")
+    p.add_argument("--no-reuse-actors", action="store_true", help="a fresh process per trial")
     p.add_argument("--workdir", default=None, help="where the store and sweep go (default: temp)")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="cxr-bench-")
     result = bench(args.trials, max(2, args.epochs), args.epoch_seconds, args.slots, args.fake_gpus,
-                   workdir)
+                   workdir, reuse_actors=not args.no_reuse_actors)
     print(json.dumps(result, indent=2))
     return 0
 
