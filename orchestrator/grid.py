@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from preprocessing.cli import UserError
-from preprocessing.schema import DEFAULT_RESOLUTIONS, TASKS
+from preprocessing.schema import TASKS
 from trainer.config import TrainConfig
 from trainer.models import resolve_model_name
 

@@ -14,7 +14,8 @@ def tiny_phantom_images(tmp_path_factory):
     """A tiny phantom dataset (image root with train.csv/valid.csv), 64-96 px sources."""
     from preprocessing.phantom import make_phantom
     root = tmp_path_factory.mktemp("tiny-phantom")
-    make_phantom(str(root), studies=TINY_PHANTOM_STUDIES, seed=0, min_size=64, max_size=96)
+    make_phantom(str(root), studies=TINY_PHANTOM_STUDIES, seed=0, min_size=64, max_size=96,
+                 workers=2)
     return root
 
 

@@ -145,8 +145,8 @@ def test_single_task_mode_is_a_binary_model(tiny_phantom_store, tmp_path):
     assert result["trial_id"].startswith("r32-resnet18-s0-single-cardiomegaly-")
     assert list(result["best"]) == ["cardiomegaly"]
     latest = ckpt.load(str(tmp_path / "single" / "checkpoints" / "latest.pt"))
-    assert latest["model"]["head.linear2.weight" if "head.linear2.weight" in latest["model"]
-                           else [k for k in latest["model"] if k.startswith("head.")][-1]].shape[0] == 1
+    head_linears = [v for k, v in latest["model"].items() if k.startswith("head.") and v.dim() == 2]
+    assert head_linears[-1].shape == (1, 512)  # one output: exactly a binary model
     preds = _predictions(str(tmp_path / "single"), 1)
     assert set(preds["task"]) == {"cardiomegaly"} and len(preds) == 16  # no excluded study kept
 
@@ -231,10 +231,11 @@ def test_cli(tiny_phantom_store, tmp_path):
 
 def test_learning_check(tiny_phantom_store, tmp_path):
     """Training learns: the coarse phantom task (Cardiomegaly: heart width) reaches AUROC >= 0.8
-    on the validation studies, from random weights at 32 px in a 4-epoch budget (about a minute on
-    one core). The budget's LRs are higher than PROTOCOL.md's because nothing is pretrained."""
+    on the validation studies, from random weights at 32 px in a 5-epoch budget (about 25 s on one
+    free core). The budget's LRs are higher than PROTOCOL.md's because nothing is pretrained. With
+    this budget the phantom reached 0.95 (0.89 after 4 epochs) when the test was written."""
     cfg = TrainConfig(store=tiny_phantom_store, model="resnet18", resolution=32, weights="none",
-                      task_mode="single", task="Cardiomegaly", epochs_frozen=1, epochs_unfrozen=3,
+                      task_mode="single", task="Cardiomegaly", epochs_frozen=1, epochs_unfrozen=4,
                       lr_frozen=1e-2, lr_body=1e-3, lr_head=1e-2, batch_studies=8, augment=False,
                       workers=0)
     result = run_trial(cfg, str(tmp_path / "learn"))

@@ -105,11 +105,28 @@ def identity_params(n: int) -> np.ndarray:
     return np.tile(IDENTITY, (n, 1))
 
 
-def _base_grid(size: int, device: torch.device) -> torch.Tensor:
-    """(size*size, 3) homogeneous pixel-centre coordinates in [-1, 1] (align_corners=False)."""
-    coords = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.stack([xx.reshape(-1), yy.reshape(-1), torch.ones_like(xx).reshape(-1)], dim=1)
+def _pixel_centres(size: int, device: torch.device) -> torch.Tensor:
+    """(size,) pixel-centre coordinates in [-1, 1] (grid_sample's align_corners=False)."""
+    return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
+
+
+def homography_grid(h: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, 3) output->input homographies -> (N, size, size, 2) sampling grid.
+
+    Each of the three homogeneous planes is h[:, r, 0] * x + h[:, r, 1] * y + h[:, r, 2], a sum of a
+    column term and a row term, so it is built by broadcasting (N, 1, R) + (N, R, 1) instead of a
+    (N, R*R, 3) product: about half the memory traffic.
+    """
+    n = h.shape[0]
+    c = _pixel_centres(size, h.device)
+    xs = c.view(1, 1, size)
+    ys = c.view(1, size, 1)
+
+    def plane(r: int) -> torch.Tensor:
+        return (h[:, r, 0].view(n, 1, 1) * xs) + (h[:, r, 1].view(n, 1, 1) * ys + h[:, r, 2].view(n, 1, 1))
+
+    w = plane(2).clamp_(min=1e-6)
+    return torch.stack([plane(0).div_(w), plane(1).div_(w)], dim=-1)
 
 
 def augment_batch(images01: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -122,16 +139,14 @@ def augment_batch(images01: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     if height != width:
         raise ValueError(f"expected square images, got {height}x{width}")
     params = params.to(device=images01.device, dtype=torch.float32)
-    # Intensity first, so that the padding added by the geometric step stays black.
+    # Intensity first, so that the padding added by the geometric step stays black:
+    # (x - mean) * c + mean + b = x * c + (mean * (1 - c) + b), one fused pass.
     contrast = params[:, 9].view(n, 1, 1, 1)
     brightness = params[:, 10].view(n, 1, 1, 1)
     mean = images01.mean(dim=(1, 2, 3), keepdim=True)
-    x = ((images01 - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+    x = (images01 * contrast).add_(mean * (1 - contrast) + brightness).clamp_(0.0, 1.0)
     # Geometry: every output pixel centre -> homography -> input coordinates.
-    h = params[:, :9].view(n, 3, 3)
-    pts = torch.einsum("nij,pj->npi", h, _base_grid(height, images01.device))  # (N, R*R, 3)
-    grid = pts[..., :2] / pts[..., 2:3].clamp(min=1e-6)
-    grid = grid.view(n, height, width, 2)
+    grid = homography_grid(params[:, :9].view(n, 3, 3), height)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -145,9 +160,11 @@ def to_model_input(images_u8: torch.Tensor, params: torch.Tensor | None,
     x = images_u8.to(torch.float32).div_(255.0)
     if params is not None:
         x = augment_batch(x, params)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    x = (x.expand(-1, 3, -1, -1) - mean) / std
+    # One fused pass per channel: (x - mean_c) / std_c = x * (1 / std_c) - mean_c / std_c.
+    scale = torch.tensor([1 / s for s in IMAGENET_STD], device=x.device, dtype=x.dtype)
+    shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], device=x.device,
+                         dtype=x.dtype)
+    out = torch.addcmul(shift.view(1, 3, 1, 1), x, scale.view(1, 3, 1, 1))  # N, 3, R, R
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
