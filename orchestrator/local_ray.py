@@ -172,6 +172,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        with contextlib.suppress(OSError):   # the token is worthless once the instance is gone
+            os.remove(os.path.join(run_dir, "auth_token"))
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

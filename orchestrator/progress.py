@@ -8,8 +8,9 @@ when something changed and at most every ``interval`` seconds:
 
 The ETA is the remaining epochs of every unfinished trial times an epoch duration (the trial's own
 mean when it has finished an epoch, else the mean of trials with the same model and resolution,
-else of all trials), divided by the number of trial slots. It is a rough guide: it knows nothing
-about trials that have not started a single epoch yet on an unseen (model, resolution).
+else the observed seconds per pixel scaled to its resolution), divided by the number of trial
+slots. It is a rough guide: it ignores that models differ in cost at the same resolution until a
+trial of that model has finished an epoch.
 """
 from __future__ import annotations
 
@@ -102,19 +103,27 @@ class SweepProgress(TrialProgressCallback):
         if not all_secs:
             return None
         overall = sum(all_secs) / len(all_secs)
+        # seconds per epoch per pixel, for (model, resolution) kinds not seen yet: cost ~ pixels
+        per_px = [s / v.resolution ** 2 for v in self.views.values() if v.resolution > 0
+                  for s in v.epoch_seconds]
+        px_rate = sum(per_px) / len(per_px) if per_px else None
         by_kind: dict[tuple, list[float]] = {}
         for v in self.views.values():
             by_kind.setdefault((v.model, v.resolution), []).extend(v.epoch_seconds)
-        remaining = 0.0
+        remaining = longest = 0.0
         for v in self.views.values():
             if v.state in ("finished", "failed"):
                 continue
             left = max(0, v.total_epochs - v.epoch)
             kind = by_kind.get((v.model, v.resolution)) or []
             per_epoch = (sum(v.epoch_seconds) / len(v.epoch_seconds) if v.epoch_seconds
-                         else sum(kind) / len(kind) if kind else overall)
+                         else sum(kind) / len(kind) if kind
+                         else px_rate * v.resolution ** 2 if px_rate and v.resolution > 0
+                         else overall)
             remaining += left * per_epoch
-        return remaining / self.slots
+            longest = max(longest, left * per_epoch)
+        # no faster than the longest remaining trial, which cannot be spread over slots
+        return max(remaining / self.slots, longest)
 
     def status_text(self) -> str:
         c = self.counts()

@@ -83,6 +83,15 @@ def new_run_id() -> str:
 
 
 # --- validation (everything that can fail does so before any trial starts) ----------------------
+def absolute(location: str | None) -> str | None:
+    """A local path made absolute (workers do not share the driver's cwd); URIs unchanged."""
+    if not location or storage.is_remote(location):
+        return location
+    if str(location).startswith("file://"):
+        location = str(location)[len("file://"):]
+    return os.path.abspath(os.path.expanduser(str(location)))
+
+
 def check_name(name: str) -> str:
     name = str(name).strip()
     if not name or name in (".", "..") or any(c in name for c in "/\\?#:") or name.startswith("."):
@@ -308,6 +317,9 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
     ``num_cpus``/``num_gpus`` size the embedded local Ray (ignored when joining a cluster)."""
     out = out or sys.stdout
     name = check_name(name)
+    # Trials run in Ray worker processes with another working directory: make local paths absolute.
+    store = absolute(store)
+    storage_loc = absolute(storage_loc)
     if cpus_per_trial <= 0:
         raise UserError(f"--cpus-per-trial: {cpus_per_trial} is not positive")
     if gpus_per_trial < 0 or (gpus_per_trial > 1 and gpus_per_trial != int(gpus_per_trial)):
@@ -326,7 +338,13 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
         base = TrainConfig.from_dict(overrides)
     if tasks and task_mode == "multi" and tuple(tasks) != tuple(base.tasks):
         base = TrainConfig.from_dict({"tasks": tasks}, base=base)
-    base = TrainConfig.from_dict({"store": store, "task_mode": "multi", "task": ""}, base=base)
+    paths = {"store": store, "task_mode": "multi", "task": ""}
+    for key in ("weights_dir", "cache_dir"):
+        if getattr(base, key):
+            paths[key] = absolute(getattr(base, key))
+    if base.weights not in ("imagenet", "none"):
+        paths["weights"] = absolute(base.weights)
+    base = TrainConfig.from_dict(paths, base=base)
     task_axis = tasks or list(TASKS)
     points = grid_mod.build_grid(list(resolutions), list(models), list(seeds), task_mode,
                                  task_axis)

@@ -245,3 +245,13 @@ def test_feature_map_size_matches_a_real_forward():
 def test_docstring_examples_run():
     result = doctest.testmod(models, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 8 and result.failed == 0
+
+
+def test_smallcnn_has_no_imagenet_weights_and_a_stride_32_body():
+    from trainer.weights import WeightsError
+    with pytest.raises(WeightsError, match="no ImageNet weights"):
+        create_model("smallcnn", 64, 1, weights="imagenet")
+    torch.manual_seed(0)
+    model = create_model("smallcnn", 64, 5, weights="none")
+    assert model.body(torch.zeros(2, 3, 64, 64)).shape == (2, 128, 2, 2)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)

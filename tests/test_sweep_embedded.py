@@ -106,6 +106,11 @@ def test_embedded_instance_is_new_even_with_a_stale_cluster_file(ray_files):
     assert kwargs["address"] == "local" and kwargs["include_dashboard"] is False
     assert kwargs["_temp_dir"].startswith(ray_files)
     assert services.canonicalize_bootstrap_address(kwargs["address"], None) is None  # new instance
+    from orchestrator.local_ray import _write_token, make_run_dir
+    run_dir = make_run_dir(ray_files)
+    token = _write_token(run_dir)
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(token).st_mode) == 0o600 and len(open(token).read()) == 64
 
 
 @pytest.mark.slow
@@ -183,7 +188,7 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
     run_dir = re.search(r"private local Ray \(run dir ([^)]+)\)", text).group(1)
     assert run_dir.startswith(ray_files)
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(os.path.join(run_dir, "auth_token")).st_mode) == 0o600
+    assert not os.path.exists(os.path.join(run_dir, "auth_token"))   # removed after the run
     assert os.path.isdir(os.path.join(run_dir, "r"))
     assert not os.path.exists(os.path.join(ray_files, ".ray", "auth_token"))
     assert pids_using(run_dir) == []

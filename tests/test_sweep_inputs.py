@@ -158,15 +158,19 @@ def test_progress_view_counts_and_eta():
     p.trial_started("t0")
     p.epoch_done("t0", {"epoch": 1, "epoch_seconds": 10.0, "auroc_mean": 0.7})
     p.epoch_done("t0", {"epoch": 2, "epoch_seconds": 10.0, "auroc_mean": 0.65})
-    # t0: 2 epochs left x 10 s; t1 (same model/res): 4 x 10 s; t2 (unseen kind): 4 x 10 s overall
-    assert p.eta_seconds() == pytest.approx((20 + 40 + 40) / 2)
+    # t0: 2 epochs left x 10 s; t1 (same model/res): 4 x 10 s; t2 (unseen 320 px): 4 x 40 s
+    # (10 s at 160 px scaled by pixels): (20 + 40 + 160) / 2 slots = 110 s, but t2 alone takes 160
+    assert p.eta_seconds() == pytest.approx(160)
+    p.epoch_done("t1", {"epoch": 1, "epoch_seconds": 10.0, "auroc_mean": 0.6})
+    p.epoch_done("t2", {"epoch": 1, "epoch_seconds": 30.0, "auroc_mean": 0.6})
+    assert p.eta_seconds() == pytest.approx(max((20 + 30 + 90) / 2, 90))
     p.trial_failed("t1", retrying=False, error="boom")
     p.trial_finished("t0")
     p.maybe_status(force=True)
     text = out.getvalue()
     assert "start t0" in text and "t0 epoch 2/4 AUROC 0.65" in text and "FAILED t1: boom" in text
     assert "finished t0 best AUROC 0.7000" in text
-    assert "2/4 finished, 0 running, 1 pending, 1 failed" in text
+    assert "2/4 finished, 1 running, 0 pending, 1 failed" in text
     assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
 
 

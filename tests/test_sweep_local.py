@@ -99,9 +99,13 @@ def test_run_rerun_extend_and_new_ids(ray_shared, store, tmp_path):
     assert sorted(moved.trial_ids) == sorted(res.trial_ids) and moved.ran == []
 
 
-def test_retry_within_run_resumes_from_checkpoint(ray_shared, store, tmp_path):
+def test_retry_within_run_resumes_from_checkpoint(ray_shared, store, tmp_path, monkeypatch):
     fake = FakeTrial(fail={"r16-": 1}, marker_dir=str(tmp_path))
-    res, text = sweep(store, tmp_path, "retry", resolutions=(16,), fake=fake, max_failures=1)
+    # relative locations work although Ray workers run in another working directory
+    monkeypatch.chdir(tmp_path)
+    res, text = sweep(os.path.relpath(store), "sweeps", "retry", resolutions=(16,), fake=fake,
+                      max_failures=1)
+    assert res.sweep_loc == str(tmp_path / "sweeps" / "retry")
     assert res.exit_code == 0
     (tid,) = res.trial_ids
     entry = ledger.read_entry(res.sweep_loc, tid)

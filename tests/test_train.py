@@ -1,4 +1,5 @@
 """run_trial: determinism, exact resume, task modes, records, the learning check, every error path."""
+import dataclasses
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-from preprocessing import storage
 from preprocessing.store import StoreError
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, TrainConfig
@@ -91,6 +91,18 @@ def test_finished_folder_returns_stored_result(finished):
     before = open(os.path.join(trial_dir, "log.txt")).read()
     assert run_trial(cfg, trial_dir) == json.loads(json.dumps(result))
     assert open(os.path.join(trial_dir, "log.txt")).read() == before  # nothing retrained
+
+
+def test_node_local_cache_gives_the_same_result(finished, tmp_path):
+    """cache_dir: the trial reads a node-local, checksum-verified copy of its resolution and,
+    since cache_dir does not change the result, ends exactly as the uncached run."""
+    cfg, _, result = finished
+    cached = dataclasses.replace(cfg, cache_dir=str(tmp_path / "node-cache"))
+    again = run_trial(cached, str(tmp_path / "cached"))
+    assert again["trial_id"] == result["trial_id"]
+    assert _results(again["history"]) == _results(result["history"])
+    copied = [f for _, _, files in os.walk(tmp_path / "node-cache") for f in files if f.endswith(".parquet")]
+    assert copied, "the store resolution was not copied to the node-local cache"
 
 
 def test_killed_and_resumed_run_is_bitwise_identical(finished, tmp_path):

@@ -71,7 +71,7 @@ class TrainConfig:
     amp: str = "auto"                    # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'off'
     channels_last: str = "auto"          # 'auto' (on for CUDA), 'on', 'off'
     workers: int = -1                    # loader worker processes; -1 = auto, 0 = in-process
-    cache_dir: str = ""                  # node-local store cache (reserved; not used yet)
+    cache_dir: str = ""                  # node-local store cache dir (preprocessing/cache.py); "" = read the store directly
 
     # --- validation ---------------------------------------------------------------------------
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ function of ``(split, epoch, batch)``, so results do not depend on the number of
 
 Memory: a split's image column is read once into the main process (Arrow buffers; forked workers
 share them copy-on-write). With the store's default ``raw-uint8`` encoding that is R*R bytes per
-image (CheXpert train at 320 px: ~23 GB). A node-local lazy reader is future work (``cache_dir``).
+image (CheXpert train at 320 px: ~23 GB). A lazy reader is future work; ``cache_dir`` only makes the read node-local.
 """
 from __future__ import annotations
 

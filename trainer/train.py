@@ -27,7 +27,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from preprocessing import storage
-from preprocessing.cli import HelpFormatter, UserError, run_cli
+from preprocessing.cli import UserError, run_cli
 from preprocessing.schema import task_key
 from trainer import checkpoint as ckpt
 from trainer.augment import AugmentSettings, to_model_input
@@ -315,7 +315,13 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
     t_start = time.time()
 
     # ---- 1. store and identity ----------------------------------------------------------------
-    store = open_store(cfg.store, verify=True, resolution=cfg.resolution)
+    store_loc = cfg.store
+    if cfg.cache_dir:
+        # Node-local copy of this resolution (made once per node, sha256-checked), so concurrent
+        # trials on a node read local disk instead of each pulling the shards from S3.
+        from preprocessing.cache import local_store
+        store_loc = local_store(cfg.store, cfg.resolution, cfg.cache_dir)
+    store = open_store(store_loc, verify=True, resolution=cfg.resolution)
     for split in ("train", "valid"):
         store.shards(cfg.resolution, split)  # StoreError naming what is missing
     manifest_hash = store.manifest_hash

@@ -290,8 +290,8 @@ exit codes: 0 ok; 1 download failed, or (list) a file is missing or fails its sh
 
 
 def parse_models(text: str) -> list[str]:
-    from trainer.models import (EFFICIENTNET_BY_RESOLUTION, PROTOCOL_MODELS, UnknownModelError,
-                                _REGISTRY, list_models)
+    from trainer.models import (EFFICIENTNET_BY_RESOLUTION, NO_IMAGENET_WEIGHTS, PROTOCOL_MODELS,
+                                UnknownModelError, _REGISTRY, list_models)
     names: list[str] = []
     for part in str(text).split(","):
         part = part.strip().lower().replace("_", "-")
@@ -300,9 +300,11 @@ def parse_models(text: str) -> list[str]:
         if part == "protocol":
             names += PROTOCOL_MODELS
         elif part == "all":
-            names += sorted(_REGISTRY)
+            names += sorted(n for n in _REGISTRY if n not in NO_IMAGENET_WEIGHTS)
         elif part == "efficientnet":
             names += EFFICIENTNET_BY_RESOLUTION.values()
+        elif part in NO_IMAGENET_WEIGHTS:
+            raise UserError(f"--models: {part} has no ImageNet weights to download")
         elif part in _REGISTRY:
             names.append(part)
         else:
