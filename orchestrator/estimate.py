@@ -21,6 +21,7 @@ have them: ``--throughput-file`` is not implemented; edit ``GFLOPS_224``/``FAMIL
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 #: ResNet50, one H100, bf16/AMP, 224 px: 2,470 img/s (A100) x 1.8.
 ANCHOR_IMAGES_PER_S = 2470.0 * 1.8
@@ -79,19 +80,26 @@ def epoch_images(train_images: int, valid_images: int, max_train_studies: int = 
 
 
 def estimate(trials: list[tuple[str, int]], epochs: int, train_images: int, valid_images: int,
-             gpus_per_trial: float = 1.0) -> Estimate:
+             gpus_per_trial: float | Sequence[float] = 1.0) -> Estimate:
     """GPU-hours for trials given as (resolved model, resolution) pairs.
 
-    A trial holding a fraction of a GPU is costed at its wall time times that fraction, assuming
-    the packed trials do not slow each other down (optimistic).
+    ``gpus_per_trial``: one GPU share for every trial, or one per trial (``--gpus-per-trial
+    auto``). A trial holding a fraction of a GPU is costed at its wall time times that fraction,
+    assuming the packed trials do not slow each other down (the packing rule keeps their summed
+    busy share <= 0.9, so this holds roughly; 0 = a CPU run, costed as a whole GPU).
     """
+    shares = (list(gpus_per_trial) if isinstance(gpus_per_trial, Sequence)
+              else [gpus_per_trial] * len(trials))
+    if len(shares) != len(trials):
+        raise ValueError(f"{len(shares)} GPU shares for {len(trials)} trials")
     per_group: dict = {}
     total = 0.0
-    for model, res in trials:
+    for (model, res), share in zip(trials, shares):
         ips = images_per_s(model, res)
         seconds = epochs * (train_images + VALID_COST * valid_images) / ips
-        hours = seconds / 3600.0 * (gpus_per_trial if gpus_per_trial > 0 else 1.0)
-        g = per_group.setdefault((model, res), {"trials": 0, "images_per_s": ips, "gpu_hours": 0.0})
+        hours = seconds / 3600.0 * (share if share > 0 else 1.0)
+        g = per_group.setdefault((model, res), {"trials": 0, "images_per_s": ips, "gpu_hours": 0.0,
+                                                "gpu_share": share})
         g["trials"] += 1
         g["gpu_hours"] += hours
         total += hours

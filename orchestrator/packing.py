@@ -194,12 +194,12 @@ def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
     return out
 
 
-def load_table(measurements: str | None = None) -> dict[tuple[str, int], Footprint]:
+def load_table(measurements: str | Iterable[str] | None = None) -> dict[tuple[str, int], Footprint]:
     """Estimates for every profiled model at the protocol resolutions, overridden by the
-    measurements in ``measurements`` (a gpu_check JSON), if given."""
+    measurements in ``measurements`` (a gpu_check JSON, or several: later files win), if given."""
     table = estimate_table()
-    if measurements:
-        table.update(load_measurements(measurements))
+    for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
+        table.update(load_measurements(path))
     return table
 
 
@@ -252,9 +252,30 @@ def trial_resources(model: str, resolution: int, cpus_per_trial: float, gpu_memo
             "gpu": gpus_per_trial(model, resolution, gpu_memory_gb, table)}
 
 
+#: GPU memory (GB) by Ray's ``accelerator_type:<name>`` node resource (ray.util.accelerators);
+#: where a name covers several sizes (A100 40/80 GB, V100 16/32 GB) the smaller one.
+ACCELERATOR_MEMORY_GB = {"K80": 12, "P4": 8, "P100": 16, "T4": 16, "V100": 16, "A10G": 24,
+                         "L4": 24, "L40S": 48, "A100": 40, "H100": 80, "H20": 96, "H200": 141,
+                         "B200": 180, "RTX-PRO-6000": 96}
+
+
+def gpu_memory_from_ray_nodes(nodes: Iterable[dict]) -> float | None:
+    """The smallest GPU memory among the alive GPU nodes of ``ray.nodes()``, read from their
+    ``accelerator_type:*`` resource; None when no GPU node is up or none has a known type."""
+    sizes = []
+    for n in nodes:
+        r = n.get("Resources") or {}
+        if not n.get("Alive") or r.get("GPU", 0) <= 0:
+            continue
+        for key in r:
+            if key.startswith("accelerator_type:") and key.split(":", 1)[1] in ACCELERATOR_MEMORY_GB:
+                sizes.append(float(ACCELERATOR_MEMORY_GB[key.split(":", 1)[1]]))
+    return min(sizes) if sizes else None
+
+
 def detect_gpu_memory_gb() -> float | None:
     """Memory of this machine's first GPU in GB (1e9 bytes), or None without CUDA. On a cluster
-    the driver may have no GPU: pass the workers' GPU memory explicitly instead."""
+    the driver may have no GPU: the sweep first asks :func:`gpu_memory_from_ray_nodes`."""
     try:
         import torch
         if torch.cuda.is_available():

@@ -1,5 +1,5 @@
 """``python -m orchestrator.sweep``: Ray Tune runs every (resolution, model, seed[, task]) trial,
-one GPU each, resumable from the trial ledger on storage.
+one GPU each (small ones packed 2-4 per GPU), resumable from the trial ledger on storage.
 
 Flow: validate everything (grid, store, storage, cluster) -> write ``STORAGE/SWEEP/sweep.json`` ->
 register new trials in the ledger -> run what is not finished on Ray Tune (embedded local Ray by
@@ -24,7 +24,7 @@ from preprocessing import storage
 from preprocessing.cli import HelpFormatter, UserError, parse_int_list, run_cli
 from preprocessing.schema import DEFAULT_RESOLUTIONS, TASKS
 from orchestrator import grid as grid_mod
-from orchestrator import ledger
+from orchestrator import ledger, packing
 from orchestrator.grid import DEFAULT_MODELS, DEFAULT_SEEDS, TrialParams
 from orchestrator.local_ray import check_reachable, cluster_address
 from trainer.config import TrainConfig
@@ -41,9 +41,13 @@ EPILOG = """examples:
   python -m orchestrator.sweep --resolutions 160,240,320,400,480 --store s3://bucket/store \\
       --storage s3://bucket/sweeps --name thesis --dry-run
 
-  # on a cluster started by `ray up cluster.yaml` (from the head node)
+  # on a cluster started by `ray up cluster.yaml` (from the head node); with --gpus-per-trial
+  # given, trials wait for the autoscaler to add GPU workers instead of running on the CPU head
   python -m orchestrator.sweep --address auto --store s3://bucket/store --storage s3://bucket/sweeps \\
-      --name thesis
+      --name thesis --gpus-per-trial auto --gpu-memory-gb 24
+
+  # the packing plan (GPU share per model and resolution) from measured figures; starts nothing
+  python -m orchestrator.sweep ... --dry-run --gpu-measurements bench/results/gpu_check.json
 
   # a small CPU demo on the phantom store: 2 models, 1 seed, short epochs
   python -m orchestrator.sweep --resolutions 160,240 --models resnet18,densenet121 --seeds 0 \\
@@ -234,7 +238,8 @@ def run_aggregator(sweep_loc: str, out_dir: str, out: IO[str], fallback_table: s
 
 
 def dry_run_report(trials: list[Trial], plan: ledger.Plan, store, base: TrainConfig,
-                   gpus_per_trial: float) -> str:
+                   gpus_per_trial: float | dict[str, float]) -> str:
+    """``gpus_per_trial``: one GPU share for all trials, or trial id -> share (``auto``)."""
     from orchestrator import estimate as est
     counts = store.manifest.get("counts", {}).get("per_split", {})
     train_images = int(counts.get("train", {}).get("stored", 0))
@@ -242,19 +247,22 @@ def dry_run_report(trials: list[Trial], plan: ledger.Plan, store, base: TrainCon
     train_n, valid_n = est.epoch_images(train_images, valid_images, base.max_train_studies,
                                         base.max_valid_studies)
     to_run = set(plan.to_run)
+    share = (gpus_per_trial if isinstance(gpus_per_trial, dict)
+             else {t.trial_id: float(gpus_per_trial) for t in trials})
+    left = [t for t in trials if t.trial_id in to_run]
     e_all = est.estimate([(t.params.model, t.params.resolution) for t in trials], base.total_epochs,
-                         train_n, valid_n, gpus_per_trial)
-    e_left = est.estimate([(t.params.model, t.params.resolution) for t in trials
-                           if t.trial_id in to_run], base.total_epochs, train_n, valid_n,
-                          gpus_per_trial)
+                         train_n, valid_n, [share[t.trial_id] for t in trials])
+    e_left = est.estimate([(t.params.model, t.params.resolution) for t in left], base.total_epochs,
+                          train_n, valid_n, [share[t.trial_id] for t in left])
     lines = [f"{len(trials)} trials: {len(plan.finished)} finished, {len(plan.to_run)} to run "
              f"({len(plan.resumed)} of them resume from storage)",
              f"per trial: {base.total_epochs} epochs x {train_n:,} train + {valid_n:,} valid images"
              f" (store: {train_images:,} / {valid_images:,})", "",
-             "group                         trials  est. img/s (H100)  est. GPU-h"]
+             "group                         trials  est. img/s (H100)  GPU share  est. GPU-h"]
     for (model, res), g in sorted(e_all.per_group.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        frac = packing.format_fraction(g["gpu_share"]) if g["gpu_share"] > 0 else "0 (CPU)"
         lines.append(f"{model + ' @ ' + str(res) + ' px':<30}{g['trials']:>6}  {g['images_per_s']:>17,.0f}"
-                     f"  {g['gpu_hours']:>10.2f}")
+                     f"  {frac:>9}  {g['gpu_hours']:>10.2f}")
     lines += ["", f"estimated GPU-hours: {e_all.gpu_hours:.1f} for the whole grid, "
               f"{e_left.gpu_hours:.1f} still to run "
               f"(an ESTIMATE from the throughput table in docs/sweep.md, not a measurement)", "",
@@ -266,12 +274,76 @@ def dry_run_report(trials: list[Trial], plan: ledger.Plan, store, base: TrainCon
 
 
 # --- the run --------------------------------------------------------------------------------------
-def _resources_per_trial(handle, cpus_per_trial: float, gpus_per_trial: float, out: IO[str]) -> dict:
-    gpus = float(gpus_per_trial)
-    if gpus > 0 and handle.total_gpus == 0:
-        print("the Ray cluster has no GPUs: running trials on CPUs "
-              f"({cpus_per_trial:g} CPU each)", file=out, flush=True)
-        gpus = 0.0
+#: ``--gpus-per-trial`` when not given: per-trial shares from orchestrator/packing.py.
+DEFAULT_GPUS_PER_TRIAL = "auto"
+#: GPU memory assumed for packing when neither the flag, the Ray cluster nor torch tells.
+FALLBACK_GPU_MEMORY_GB = 80.0
+
+
+def check_gpus_per_trial(value: float | str | None) -> float | str:
+    """'auto' or a valid number (None = the default)."""
+    if value is None:
+        value = DEFAULT_GPUS_PER_TRIAL
+    if isinstance(value, str):
+        value = packing.parse_gpus_per_trial(value)
+        if value == "auto":
+            return value
+    gpus = float(value)
+    if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+        raise UserError(f"--gpus-per-trial: {gpus:g} must be 0, a fraction below 1 "
+                        f"(e.g. 0.5), a whole number or 'auto'")
+    return gpus
+
+
+def gpu_request_decision(mode: str, cluster_gpus: float, requested: float | str, explicit: bool,
+                         cpus_per_trial: float) -> tuple[bool, str | None]:
+    """Whether trials ask Ray for GPUs, and the one line to print about it (or None).
+
+    A Ray with no GPU at the start runs trials on CPUs (and says so), except when the sweep joins
+    a cluster (``--address``) and the user asked for GPUs explicitly (a number or ``auto``): an
+    autoscaling cluster (``ray up``) starts with a CPU-only head and adds GPU workers only for
+    pending GPU requests, so the request is kept and the trials wait for them.
+    """
+    if requested != "auto" and float(requested) == 0:
+        return False, None
+    if cluster_gpus > 0:
+        return True, None
+    if mode == "cluster" and explicit:
+        return True, ("the Ray cluster has no GPU node up yet: trials wait for the autoscaler to add "
+                      "GPU workers (on a cluster without GPU node types they would wait forever: "
+                      "use --gpus-per-trial 0)")
+    hint = ("; to wait for the autoscaler to add GPU workers instead, pass --gpus-per-trial auto or 1"
+            if mode == "cluster" else "")
+    return False, (f"the Ray cluster has no GPUs: running trials on CPUs "
+                   f"({cpus_per_trial:g} CPU each){hint}")
+
+
+def resolve_gpu_memory(flag: float | None, nodes: list | None = None) -> tuple[float, str]:
+    """GPU memory for packing and where it came from: the flag, the Ray cluster's GPU nodes
+    (smallest GPU), this machine's GPU (torch), else FALLBACK_GPU_MEMORY_GB."""
+    if flag:
+        return float(flag), "--gpu-memory-gb"
+    if nodes:
+        gb = packing.gpu_memory_from_ray_nodes(nodes)
+        if gb:
+            return gb, "the Ray cluster's accelerator types"
+    gb = packing.detect_gpu_memory_gb()
+    if gb:
+        return gb, "this machine's GPU"
+    return FALLBACK_GPU_MEMORY_GB, "no GPU seen, so assumed; set --gpu-memory-gb"
+
+
+def gpu_shares(trials: list[Trial], requested: float | str, gpu_gb: float, table) -> dict[str, float]:
+    """Trial id -> the GPU share it asks Ray for."""
+    if requested != "auto":
+        return {t.trial_id: float(requested) for t in trials}
+    return {t.trial_id: packing.gpus_per_trial(t.params.model, t.params.resolution, gpu_gb, table)
+            for t in trials}
+
+
+def _resources_per_trial(handle, cpus_per_trial: float, shares: dict[str, float],
+                         out: IO[str]) -> dict[str, dict]:
+    """Trial id -> Tune resources; ``shares`` already decided (0 = CPU only)."""
     if handle.mode == "embedded":
         import ray
         node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
@@ -279,33 +351,51 @@ def _resources_per_trial(handle, cpus_per_trial: float, gpus_per_trial: float, o
             raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: the local Ray has only "
                             f"{node_cpus:g} CPUs")
         node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        gpus = max(shares.values(), default=0.0)
         if gpus > node_gpus:
             raise UserError(f"--gpus-per-trial {gpus:g}: the local Ray has only {node_gpus:g} GPUs")
-    res = {"cpu": float(cpus_per_trial)}
-    if gpus > 0:
-        res["gpu"] = gpus
-    return res
+    out_res = {}
+    for tid, gpus in shares.items():
+        res = {"cpu": float(cpus_per_trial)}
+        if gpus > 0:
+            res["gpu"] = float(gpus)
+        out_res[tid] = res
+    return out_res
 
 
-def _slots(handle, res: dict) -> int:
+def _slots(handle, cpus_per_trial: float, shares: list[float]) -> int:
+    """Trials that run at once; with mixed GPU shares, for their mean share (what the ETA needs)."""
     import ray
+    gpu = sum(shares) / len(shares) if shares else 0.0
     total = 0
     for n in ray.nodes():
         if not n.get("Alive"):
             continue
         r = n["Resources"]
-        k = int(r.get("CPU", 0) // res["cpu"]) if res["cpu"] > 0 else 10**6
-        if res.get("gpu"):
-            k = min(k, int(r.get("GPU", 0) / res["gpu"] + 1e-9))
+        k = int(r.get("CPU", 0) // cpus_per_trial) if cpus_per_trial > 0 else 10**6
+        if gpu > 0:
+            k = min(k, int(r.get("GPU", 0) / gpu + 1e-9))
         total += k
     return max(1, total)
+
+
+def describe_resources(res: dict[str, dict]) -> str:
+    """'{'cpu': 1.0, 'gpu': 1.0}' for one kind, else each kind with its trial count."""
+    kinds: dict[str, int] = {}
+    for r in res.values():
+        kinds[str(r)] = kinds.get(str(r), 0) + 1
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
 
 
 def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name: str,
               models: Sequence[str] = DEFAULT_MODELS, seeds: Sequence[int] = DEFAULT_SEEDS,
               task_mode: str = "multi", tasks: Sequence[str] | None = None,
               config: TrainConfig | dict | None = None, address: str | None = None,
-              cpus_per_trial: float = 1, gpus_per_trial: float = 1, max_failures: int = 2,
+              cpus_per_trial: float = 1, gpus_per_trial: float | str | None = None,
+              gpu_memory_gb: float | None = None,
+              gpu_measurements: str | Sequence[str] | None = None, max_failures: int = 2,
               dry_run: bool = False, verify_store: bool = True, trial_fn: Any = None,
               num_cpus: int | None = None, num_gpus: int | None = None,
               progress_interval: float = 30.0, aggregate: bool = True,
@@ -314,7 +404,10 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
     """Run (or dry-run) a sweep; see the module docstring. Bad input raises UserError before any
     trial starts. ``config``: the base TrainConfig (or overrides of its defaults) every trial
     shares; ``trial_fn``: a callable or ``"module:function"`` replacing trainer.train.run_trial.
-    ``num_cpus``/``num_gpus`` size the embedded local Ray (ignored when joining a cluster)."""
+    ``num_cpus``/``num_gpus`` size the embedded local Ray (ignored when joining a cluster).
+    ``gpus_per_trial``: a number, ``"auto"`` (orchestrator/packing.py picks each trial's share
+    with ``gpu_memory_gb`` and the ``gpu_measurements`` gpu_check JSONs), or None (= not given:
+    DEFAULT_GPUS_PER_TRIAL; see :func:`gpu_request_decision` for what "given" changes)."""
     out = out or sys.stdout
     name = check_name(name)
     # Trials run in Ray worker processes with another working directory: make local paths absolute.
@@ -322,9 +415,17 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
     storage_loc = absolute(storage_loc)
     if cpus_per_trial <= 0:
         raise UserError(f"--cpus-per-trial: {cpus_per_trial} is not positive")
-    if gpus_per_trial < 0 or (gpus_per_trial > 1 and gpus_per_trial != int(gpus_per_trial)):
-        raise UserError(f"--gpus-per-trial: {gpus_per_trial:g} must be 0, a fraction below 1 "
-                        f"(e.g. 0.5) or a whole number")
+    gpus_explicit = gpus_per_trial is not None
+    gpus_per_trial = check_gpus_per_trial(gpus_per_trial)
+    if gpu_memory_gb is not None and not gpu_memory_gb > 0:
+        raise UserError(f"--gpu-memory-gb: {gpu_memory_gb:g} is not positive")
+    measurements = ([gpu_measurements] if isinstance(gpu_measurements, str)
+                    else list(gpu_measurements or []))
+    try:
+        gpu_table = packing.load_table(measurements) if gpus_per_trial == "auto" else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--gpu-measurements: cannot read a gpu_check JSON "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if max_failures < 0:
         raise UserError(f"--max-failures: {max_failures} is negative")
 
@@ -366,7 +467,14 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
     if dry_run:
         print(f"sweep {name} at {storage.display(sweep_loc)}; store {storage.display(store)} "
               f"(manifest {st.manifest_hash[:12]})", file=out)
-        print(dry_run_report(trials, plan, st, base, gpus_per_trial), file=out, flush=True)
+        shares: float | dict[str, float] = gpus_per_trial
+        if gpus_per_trial == "auto":
+            gb, source = resolve_gpu_memory(gpu_memory_gb)
+            shares = gpu_shares(trials, "auto", gb, gpu_table)
+            print(packing.describe([(t.params.model, t.params.resolution) for t in trials], gb,
+                                   gpu_table) + f"\n  (GPU memory: {source}; on a Ray without GPUs "
+                  f"the trials run on CPUs)\n", file=out)
+        print(dry_run_report(trials, plan, st, base, shares), file=out, flush=True)
         result.skipped_finished = plan.finished
         return result
 
@@ -391,7 +499,8 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
         _run_on_ray(sweep_loc=sweep_loc, run_id=run_id, trials=[by_id[t] for t in plan.to_run],
                     all_trials=trials, finished=plan.finished, address=address,
                     cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                    max_failures=max_failures, trial_fn=trial_fn, num_cpus=num_cpus,
+                    gpus_explicit=gpus_explicit, gpu_memory_flag=gpu_memory_gb,
+                    gpu_table=gpu_table, max_failures=max_failures, trial_fn=trial_fn, num_cpus=num_cpus,
                     num_gpus=num_gpus, progress_interval=progress_interval, out=out,
                     max_concurrent_trials=max_concurrent_trials, reuse_actors=reuse_actors)
     result.ran = list(plan.to_run)
@@ -423,7 +532,8 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
 
 
 def _run_on_ray(*, sweep_loc, run_id, trials, all_trials, finished, address, cpus_per_trial,
-                gpus_per_trial, max_failures, trial_fn, num_cpus, num_gpus, progress_interval,
+                gpus_per_trial, gpus_explicit, gpu_memory_flag, gpu_table, max_failures,
+                trial_fn, num_cpus, num_gpus, progress_interval,
                 out, max_concurrent_trials, reuse_actors) -> None:
     # The legacy output engine at verbose=0 prints nothing; the new one still draws its header.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -433,8 +543,23 @@ def _run_on_ray(*, sweep_loc, run_id, trials, all_trials, finished, address, cpu
     from orchestrator.trainable import make_trainable, trial_name, trial_spec
 
     with ray_session(address, num_cpus=num_cpus, num_gpus=num_gpus) as handle:
-        res = _resources_per_trial(handle, cpus_per_trial, gpus_per_trial, out)
-        slots = _slots(handle, res)
+        import ray
+        use_gpus, note = gpu_request_decision(handle.mode, handle.total_gpus, gpus_per_trial,
+                                              gpus_explicit, cpus_per_trial)
+        if note:
+            print(note, file=out, flush=True)
+        if not use_gpus:
+            shares = {t.trial_id: 0.0 for t in trials}
+        elif gpus_per_trial == "auto":
+            gb, source = resolve_gpu_memory(gpu_memory_flag, ray.nodes())
+            shares = gpu_shares(trials, "auto", gb, gpu_table)
+            print(packing.describe([(t.params.model, t.params.resolution) for t in trials], gb,
+                                   gpu_table) + f"\n  (GPU memory: {source})", file=out, flush=True)
+        else:
+            shares = gpu_shares(trials, gpus_per_trial, 0.0, None)
+        res_by_id = _resources_per_trial(handle, cpus_per_trial, shares, out)
+        res = describe_resources(res_by_id)
+        slots = _slots(handle, cpus_per_trial, list(shares.values()))
         if max_concurrent_trials:
             slots = min(slots, max_concurrent_trials)
         where = {"embedded": f"a private local Ray (run dir {handle.run_dir})",
@@ -458,7 +583,9 @@ def _run_on_ray(*, sweep_loc, run_id, trials, all_trials, finished, address, cpu
                           "total_epochs": t.config.total_epochs} for t in all_trials},
             finished=finished, slots=slots, interval=progress_interval, out=out, sweep_loc=sweep_loc)
         fs, path = storage.resolve(storage.join(sweep_loc, TUNE_DIR))
-        trainable = tune.with_resources(make_trainable(trial_fn), res)
+        # Tune calls this with each trial's resolved config: {"trial": <its trial_spec>}.
+        trainable = tune.with_resources(make_trainable(trial_fn),
+                                        lambda config: res_by_id[config.get("trial", config)["trial_id"]])
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(specs)},
@@ -512,9 +639,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--results-dir", default=None, help="aggregated report folder (default results/NAME)")
     r = p.add_argument_group("resources and retries")
     r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
-    r.add_argument("--gpus-per-trial", type=float, default=1.0,
-                   help="GPUs per trial (1 = one GPU each; 0.5 packs two trials on a GPU, "
-                        "no memory isolation); ignored on a cluster without GPUs")
+    r.add_argument("--gpus-per-trial", default=None, metavar="N|auto",
+                   help="GPUs per trial: 'auto' (the default) packs 2-4 small trials on one GPU "
+                        "where memory and the GPU's busy share allow (orchestrator/packing.py; "
+                        "no memory isolation) and gives the rest one GPU each; 1 = one GPU each "
+                        "always; 0 = CPUs only. On a Ray without GPUs trials run on CPUs, except "
+                        "with --address and this flag given: then they wait for GPU workers")
+    r.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory for 'auto' (default: the Ray cluster's GPU type, else this "
+                        "machine's GPU, else 80)")
+    r.add_argument("--gpu-measurements", action="append", default=None, metavar="FILE",
+                   help="bench/gpu_check.py JSON whose measured memory and busy share replace "
+                        "the packing estimates (repeatable; later files win)")
     r.add_argument("--max-failures", type=int, default=2,
                    help="in-run retries of a crashed trial (each continues from its checkpoint)")
     r.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once")
@@ -583,6 +719,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
                     name=args.name, models=models, seeds=seeds, task_mode=args.task_mode,
                     tasks=tasks, config=base, address=args.address,
                     cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                    gpu_memory_gb=args.gpu_memory_gb, gpu_measurements=args.gpu_measurements,
                     max_failures=args.max_failures, dry_run=args.dry_run,
                     verify_store=not args.no_verify_store, num_cpus=args.num_cpus,
                     num_gpus=args.num_gpus, progress_interval=args.progress_interval,

@@ -117,3 +117,34 @@ def test_sweep_helpers():
     table = {("efficientnet-b0", 160): Footprint(2.0, 0.4, "test")}
     assert packing.trial_resources("efficientnet-b0", 160, 2, 80, table) == {"cpu": 2.0, "gpu": 0.5}
     assert packing.format_fraction(1 / 3) == "1/3" and packing.format_fraction(1.0) == "1"
+
+
+def test_gpu_memory_from_ray_nodes_and_several_measurement_files(tmp_path):
+    nodes = [{"Alive": True, "Resources": {"CPU": 4, "GPU": 0}},
+             {"Alive": True, "Resources": {"GPU": 8, "accelerator_type:H100": 1}},
+             {"Alive": True, "Resources": {"GPU": 1, "accelerator_type:Mystery-GPU": 1}}]
+    assert packing.gpu_memory_from_ray_nodes(nodes) == 80.0           # unknown types skipped
+    assert packing.gpu_memory_from_ray_nodes(nodes[:1]) is None        # no GPU node up
+    first = tmp_path / "first.json"                                    # NVML busy 0.8
+    first.write_text(open(_report(tmp_path)).read())
+    first = str(first)
+    second = tmp_path / "second.json"                                  # probe: 1 / 4.0
+    second.write_text(open(_report(tmp_path, probe_gain=4.0)).read())
+    merged = packing.load_table([first, str(second)])                  # later files win
+    assert merged[("efficientnet-b0", 160)].busy_share == pytest.approx(0.25)
+    assert packing.load_table(first)[("efficientnet-b0", 160)].busy_share == pytest.approx(0.8)
+
+
+def test_the_measured_h200_files_pack_small_trials_only():
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
+    files = [os.path.join(root, f"gpu_check-h200-2026-11-26-{x}.json") for x in "ab"]
+    if not all(os.path.exists(f) for f in files):
+        pytest.skip("bench/results/gpu_check-h200-*.json not present")
+    table = packing.load_table(files)
+    measured = {k: v for k, v in table.items() if v.source.startswith("measured")}
+    assert {k for k in measured if k[1] == 160} >= {("resnet50", 160), ("densenet121", 160),
+                                                    ("efficientnet-b0", 160)}
+    for (model, res), fp in measured.items():
+        share = gpus_per_trial(model, res, 80, table)
+        assert (share < 1) == (res == 160), (model, res, fp, share)

@@ -52,6 +52,9 @@ def closed_port() -> int:
     (["--task-mode", "single", "--tasks", "Cardiomegaly,Nope"], "--tasks: 'Nope' is not one of"),
     (["--name", "a/b"], "--name: 'a/b' is not a valid sweep name"),
     (["--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 must be 0, a fraction"),
+    (["--gpus-per-trial", "half"], "--gpus-per-trial: 'half' is not a number or 'auto'"),
+    (["--gpu-memory-gb", "0"], "--gpu-memory-gb: 0 is not positive"),
+    (["--gpu-measurements", "/nonexistent/gpu_check.json"], "--gpu-measurements: cannot read"),
     (["--cpus-per-trial", "0"], "--cpus-per-trial: 0.0 is not positive"),
     (["--lr-head", "-1"], "lr_head: must be positive"),
 ])
@@ -183,3 +186,73 @@ def test_estimate_table_matches_the_anchors():
         pytest.approx(0.735, abs=0.01)
     e = estimate.estimate([("resnet50", 224)], epochs=2, train_images=4446, valid_images=0)
     assert e.gpu_hours == pytest.approx(2 / 3600)
+
+
+def test_dry_run_shows_the_packing_plan(capsys, store, tmp_path):
+    import json
+    args = base_args(store, tmp_path, "--resolutions", "16,24", "--dry-run", "--gpu-memory-gb", "80")
+    code, err, out = cli(capsys, *args)          # default: --gpus-per-trial auto
+    assert code == 0, err
+    assert "GPU packing (--gpus-per-trial auto, 80 GB per GPU" in out
+    assert "r16 resnet18: 1/4 GPU" in out and "(GPU memory: --gpu-memory-gb" in out
+    assert "GPU share" in out and "1/4" in out.split("GPU share", 1)[1]
+    # a measured table overrides the estimate: this config fills the GPU, so it gets one whole
+    report = {"device_type": "cuda", "started": "2026-11-26", "env": {"device_name": "fake"},
+              "configs": {"results": [{"model": "resnet18", "resolution": 24, "synthetic": {
+                  "images_per_s": 1.0, "busy_share": 0.99, "peak_memory_reserved_bytes": 10**9}}]}}
+    (tmp_path / "m.json").write_text(json.dumps(report))
+    code, err, out = cli(capsys, *args, "--gpu-measurements", str(tmp_path / "m.json"))
+    assert code == 0, err
+    assert "r24 resnet18: 1 GPU" in out and "measured: fake" in out and "r16 resnet18: 1/4 GPU" in out
+    # explicit 1: no packing plan, every trial one GPU
+    code, err, out = cli(capsys, *base_args(store, tmp_path, "--dry-run", "--gpus-per-trial", "1"))
+    assert code == 0, err
+    assert "GPU packing" not in out and "1/4" not in out
+
+
+def test_gpu_request_decision():
+    decide = sweep.gpu_request_decision
+    # GPUs present: always requested, nothing to say
+    for mode in ("embedded", "existing", "cluster"):
+        assert decide(mode, 4, "auto", False, 2) == (True, None)
+        assert decide(mode, 4, 0.5, True, 2) == (True, None)
+    # 0 GPUs asked: CPUs, nothing to say
+    assert decide("cluster", 0, 0.0, True, 2) == (False, None)
+    assert decide("cluster", 8, 0.0, True, 2) == (False, None)
+    # no GPU in an embedded or in-process Ray: CPUs, with the message, given or not
+    for mode in ("embedded", "existing"):
+        for requested, explicit in (("auto", False), ("auto", True), (1.0, True), (0.25, True)):
+            keep, note = decide(mode, 0, requested, explicit, 2)
+            assert not keep and note.startswith("the Ray cluster has no GPUs: running trials on "
+                                                "CPUs (2 CPU each)"), (mode, requested)
+            assert "autoscaler" not in note
+    # a cluster with no GPU node up yet, GPUs asked for explicitly: keep the request and wait
+    for requested in ("auto", 1.0, 0.5):
+        keep, note = decide("cluster", 0, requested, True, 6)
+        assert keep and "wait for the autoscaler to add GPU workers" in note
+        assert "--gpus-per-trial 0" in note
+    # ... not asked for (the default): CPUs, with a hint how to wait instead
+    keep, note = decide("cluster", 0, "auto", False, 6)
+    assert not keep and note.startswith("the Ray cluster has no GPUs: running trials on CPUs")
+    assert "--gpus-per-trial auto or 1" in note
+
+
+def test_gpu_memory_and_per_trial_estimate(monkeypatch):
+    from orchestrator import estimate, packing
+    monkeypatch.setattr(packing, "detect_gpu_memory_gb", lambda: None)
+    assert sweep.resolve_gpu_memory(24.0, None) == (24.0, "--gpu-memory-gb")
+    nodes = [{"Alive": True, "Resources": {"CPU": 4}},
+             {"Alive": True, "Resources": {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1}},
+             {"Alive": True, "Resources": {"CPU": 192, "GPU": 8, "accelerator_type:H100": 1}},
+             {"Alive": False, "Resources": {"GPU": 1, "accelerator_type:T4": 1}}]
+    assert sweep.resolve_gpu_memory(None, nodes)[0] == 24.0          # the smallest alive GPU
+    gb, source = sweep.resolve_gpu_memory(None, nodes[:1])
+    assert gb == sweep.FALLBACK_GPU_MEMORY_GB and "--gpu-memory-gb" in source
+    monkeypatch.setattr(packing, "detect_gpu_memory_gb", lambda: 141.0)
+    assert sweep.resolve_gpu_memory(None, nodes[:1])[0] == 141.0
+    # GPU-hours use each trial's share
+    one = estimate.estimate([("resnet50", 160)], 2, 1000, 0).gpu_hours
+    mixed = estimate.estimate([("resnet50", 160), ("resnet50", 160)], 2, 1000, 0, [0.25, 1.0])
+    assert mixed.gpu_hours == pytest.approx(1.25 * one)
+    with pytest.raises(ValueError):
+        estimate.estimate([("resnet50", 160)], 2, 1000, 0, [0.5, 0.5])
