@@ -39,19 +39,18 @@ Where the numbers come from, in order of trust:
    These are ESTIMATES, to be replaced by measurements: they say which trials are small, not how
    small exactly. ``Footprint.source`` says which one a number is.
 
-How the sweep uses it (``orchestrator/sweep.py``, ``--gpus-per-trial auto``)::
+How the sweep uses it (``orchestrator/sweep.py``, ``--gpus-per-trial auto``, the default)::
 
-    from orchestrator import packing
-    table = packing.load_table(measurements_path)      # estimates, overridden by a gpu_check JSON
-    gpu_gb = packing.detect_gpu_memory_gb() or 80.0    # or a --gpu-memory-gb flag
+    table = packing.load_table(args.gpu_measurements)      # estimates, overridden by gpu_check JSONs
+    gpu_gb = (args.gpu_memory_gb or packing.gpu_memory_from_ray_nodes(ray.nodes())
+              or packing.detect_gpu_memory_gb() or 80.0)
     res = {t.trial_id: packing.trial_resources(t.params.model, t.params.resolution, cpus, gpu_gb, table)
            for t in trials}
     trainable = tune.with_resources(make_trainable(fn), lambda config: res[config["trial"]["trial_id"]])
-    # dry run: print(packing.describe([(t.params.model, t.params.resolution) for t in trials], gpu_gb, table))
+    # run and dry run: print(packing.describe([(t.params.model, t.params.resolution) for t in trials], gpu_gb, table))
 
-Tune accepts a function of the trial's config as its resources (checked here with Ray 2.60 and
-one fake GPU: two trials given ``{"cpu": 1, "gpu": 0.5}`` this way ran at the same time, both with
-CUDA_VISIBLE_DEVICES=0).
+Tune accepts a function of the trial's config as its resources (Ray 2.60;
+tests/test_sweep_packing.py checks on one fake GPU that each trial gets its own share).
 """
 from __future__ import annotations
 
