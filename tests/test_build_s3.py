@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,33 +14,6 @@ try:  # tests/ as a plain folder (pytest's default rootdir import) or as a packa
     from test_store import cli, make_dataset, write_dataset
 except ImportError:
     from tests.test_store import cli, make_dataset, write_dataset
-
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-        client.create_bucket(Bucket="stores")
-        yield f"127.0.0.1:{port}", client
-    finally:
-        server.stop()
-
 
 def test_build_verify_read_and_rerun_on_s3(tmp_path, s3_endpoint, capsys):
     endpoint, client = s3_endpoint

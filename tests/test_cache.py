@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -188,31 +187,6 @@ def test_concurrent_trials_of_two_resolutions_share_the_folder(tmp_path, store):
 
 
 # --- s3:// on a local S3-compatible server ---------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-        client.create_bucket(Bucket="cxr")
-        yield f"127.0.0.1:{port}", client
-    finally:
-        server.stop()
-
 
 def test_s3_store_is_cached_locally(tmp_path, s3_endpoint, monkeypatch):
     endpoint, client = s3_endpoint

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 
 import pytest
 
@@ -13,36 +12,9 @@ from orchestrator import ledger
 from orchestrator.sweep import run_sweep
 from test_sweep_helpers import FakeTrial, by_value, make_tiny_store, ray_env, read_jsonl, refresh_ray_auth
 
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-        client.create_bucket(Bucket="sweeps")
-        yield f"127.0.0.1:{port}", client
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow
-def test_sweep_on_s3(tmp_path, s3):
-    endpoint, client = s3
+def test_sweep_on_s3(tmp_path, s3_endpoint):
+    endpoint, client = s3_endpoint
     mp = pytest.MonkeyPatch()
     base = ray_env(mp)
     by_value()
