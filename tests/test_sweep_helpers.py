@@ -5,6 +5,7 @@ The fake keeps the orchestration tests fast (no torch); the end-to-end tests use
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -182,6 +183,34 @@ def by_value():
 
     from ray import cloudpickle   # Ray's vendored copy is the one that pickles tasks
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@contextlib.contextmanager
+def local_ray(num_gpus: int = 0, by_value_modules=()):
+    """A private local Ray for one test module (2 CPUs, ``num_gpus`` fake GPUs, all its files in a
+    temporary folder), stopped and cleaned up afterwards. ``by_value_modules``: further test modules
+    whose code Ray workers need."""
+    import shutil
+    import sys
+
+    import pytest
+    import ray
+    from ray import cloudpickle
+    mp = pytest.MonkeyPatch()
+    base = ray_env(mp)
+    by_value()
+    for name in by_value_modules:
+        cloudpickle.register_pickle_by_value(sys.modules[name])
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=2, num_gpus=num_gpus, include_dashboard=False,
+             _temp_dir=os.path.join(base, "r"), logging_level="WARNING", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        mp.undo()
+        refresh_ray_auth()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 class RealTrialFailingOnce:

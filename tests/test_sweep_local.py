@@ -7,33 +7,21 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 
 import pytest
 
 from preprocessing import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
-from test_sweep_helpers import (FakeTrial, by_value, make_tiny_store, ray_env, read_jsonl,
-                                refresh_ray_auth, stable_result)
+from test_sweep_helpers import FakeTrial, local_ray, make_tiny_store, read_jsonl, stable_result
 
 FAST = {"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none"}
 
 
 @pytest.fixture(scope="module")
 def ray_shared(tmp_path_factory):
-    import ray
-    mp = pytest.MonkeyPatch()
-    base = ray_env(mp)
-    by_value()
-    assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
-             _temp_dir=os.path.join(base, "r"), logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-    mp.undo()
-    refresh_ray_auth()
-    shutil.rmtree(base, ignore_errors=True)
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import sys
 
 import pytest
 
 from preprocessing import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
-from test_sweep_helpers import FakeTrial, by_value, make_tiny_store, ray_env, refresh_ray_auth
+from test_sweep_helpers import FakeTrial, local_ray, make_tiny_store
 
 
 class RecordingTrial(FakeTrial):
@@ -33,20 +30,8 @@ class RecordingTrial(FakeTrial):
 
 @pytest.fixture(scope="module")
 def ray_one_gpu():
-    import ray
-    from ray import cloudpickle
-    mp = pytest.MonkeyPatch()
-    base = ray_env(mp)
-    by_value()
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
-             _temp_dir=os.path.join(base, "r"), logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-    mp.undo()
-    refresh_ray_auth()
-    shutil.rmtree(base, ignore_errors=True)
+    with local_ray(num_gpus=1, by_value_modules=[__name__]):
+        yield
 
 
 def _measurements(tmp_path) -> str:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 
 import pytest
 
 from preprocessing import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
-from test_sweep_helpers import (RealTrialFailingOnce, by_value, ray_env, refresh_ray_auth,
-                                stable_result)
+from test_sweep_helpers import RealTrialFailingOnce, local_ray, stable_result
 
 CONFIG = {"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none", "max_train_studies": 40,
           "max_valid_studies": 30, "device": "cpu", "workers": 0}
@@ -22,17 +20,8 @@ CONFIG = {"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none", "max_trai
 
 @pytest.fixture(scope="module")
 def ray_shared():
-    import ray
-    mp = pytest.MonkeyPatch()
-    base = ray_env(mp)
-    by_value()
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
-             _temp_dir=os.path.join(base, "r"), logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-    mp.undo()
-    refresh_ray_auth()
-    shutil.rmtree(base, ignore_errors=True)
+    with local_ray():
+        yield
 
 
 def sweep(store, storage_loc, name, **kw):
