@@ -198,12 +198,7 @@ def _copy(src: str, dst: str) -> tuple[str, int]:
 
 
 def _write_file(path: str, data: bytes, only_if_missing: bool = False) -> None:
-    """Atomic local write (temporary name + rename)."""
+    """Atomic local write (storage.write_bytes: temporary name + rename)."""
     if only_if_missing and os.path.exists(path):
         return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_bytes(path, data)
