@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -66,17 +67,40 @@ TARGETS = {
     "resnet152": {160: 3600, 240: 1600, 320: 900, 400: 570, 480: 400},
 }
 TARGET_SHARE = 0.75      # the issue asks for >= 75% of the estimate
+#: Loader warm-up epochs for a CUDA-graph trial (each new batch shape is captured once).
+GRAPH_WARMUP_EPOCHS = 6
 
-#: (model, resolution) in the order they run; the first block is required by the issue, the rest
-#: runs if the budget allows. ``loader`` says whether the real-loader measurement runs too.
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One measurement: a model at a resolution, optionally with CUDA graphs
+    (trainer/graphs.py) and another batch size. Written ``model@res[:graphs][:b<images>]``."""
+    model: str
+    resolution: int
+    loader: bool = True          # also measure the step fed by the real loader
+    graphs: bool = False
+    images: int | None = None    # images per batch; None = BATCH (the protocol's 40 studies)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.model}@{self.resolution}" + (":graphs" if self.graphs else "")
+                + (f":b{self.images}" if self.images else ""))
+
+
+#: Measurements in the order they run; those the budget cannot reach are recorded as skipped, so
+#: the first lines are the ones the issue requires. The :graphs lines measure CUDA graphs where
+#: eager steps leave the GPU idle; the :b240 line is the "would a larger batch be faster" answer.
 FULL_CONFIGS = [
-    ("resnet50", 160, True), ("resnet50", 320, True), ("resnet50", 480, True),
-    ("densenet121", 160, True), ("densenet121", 480, True), ("efficientnet-b0", 160, True),
-    ("efficientnet-b5", 480, True),
+    Config("resnet50", 160), Config("resnet50", 160, graphs=True),
+    Config("resnet50", 320), Config("resnet50", 320, graphs=True, loader=False),
+    Config("efficientnet-b0", 160), Config("efficientnet-b0", 160, graphs=True),
+    Config("densenet121", 160, loader=False), Config("densenet121", 160, graphs=True),
+    Config("resnet50", 160, loader=False, images=240),
+    Config("efficientnet-b5", 480, loader=False),
+    Config("resnet50", 480, loader=False), Config("densenet121", 480, loader=False),
 ]
-FULL_EXTRA_CONFIGS = [("resnet152", 320, True)]
-TINY_CONFIGS = [("resnet18", 32, True)]
-TINY_EXTRA_CONFIGS = [("resnet18", 48, False)]
+FULL_EXTRA_CONFIGS = [Config("resnet152", 320)]
+TINY_CONFIGS = [Config("resnet18", 32)]
+TINY_EXTRA_CONFIGS = [Config("resnet18", 48, loader=False)]
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -264,7 +288,7 @@ class Trial:
     """
 
     def __init__(self, name: str, resolution: int, device: torch.device, amp: bool,
-                 channels_last: bool, tasks: int = 5):
+                 channels_last: bool, tasks: int = 5, graphs: bool = False):
         from trainer.models import create_model
         torch.manual_seed(0)
         self.device, self.amp, self.channels_last = device, amp, channels_last
@@ -276,6 +300,13 @@ class Trial:
         self.model = model
         self.epoch_fn, self.step_source = _trainer_epoch_fn()
         self.opt, self.sched = self._optimizer(model, name, resolution)
+        self.graphs = None
+        if graphs:   # the trainer's own CUDA-graph path (trainer/graphs.py), after the optimizer
+            from trainer.graphs import GraphedTraining   # has set the trainable parameters
+            if self.epoch_fn is None:
+                raise RuntimeError(f"CUDA graphs need trainer.train.train_one_epoch ({self.step_source})")
+            self.graphs = GraphedTraining(model, bf16=amp, stage="unfrozen")
+            self.step_source += " + trainer.graphs.GraphedTraining"
 
     @staticmethod
     def _optimizer(model, name: str, resolution: int):
@@ -299,9 +330,10 @@ class Trial:
         Ends synchronised (the trainer's final NaN check reads the losses back)."""
         window = _Window(source, steps)
         if self.epoch_fn is not None:
+            extra = {"graphs": self.graphs} if self.graphs is not None else {}
             _, images, _ = self.epoch_fn(self.model, window, self.opt, self.sched, epoch=1,
                                          device=self.device, augment=True, bf16=self.amp,
-                                         channels_last=self.channels_last)
+                                         channels_last=self.channels_last, **extra)
             sync(self.device)
             return int(images)
         return self._fallback(window)
@@ -387,6 +419,7 @@ def time_steps(trial: Trial, source, *, warmup_steps: int, min_steps: int, secon
     if budget is not None:   # never let one window eat the rest of the budget
         steps = int(max(2, min(steps, 0.5 * max(budget.left, 1.0) / max(step_s, 1e-6))))
     reset_peak(dev)
+    graphs_before = trial.graphs.stats() if trial.graphs is not None else None
     sampler = BusySampler(dev)
     with sampler:
         start = time.perf_counter()
@@ -396,6 +429,11 @@ def time_steps(trial: Trial, source, *, warmup_steps: int, min_steps: int, secon
            "images": images, "timed_s": elapsed, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
            "step_source": trial.step_source}
     out.update(sampler.result())
+    if graphs_before is not None:
+        # Graphs captured inside the timed window (a new batch shape) are timed too: say how many.
+        after = trial.graphs.stats()
+        out["cuda_graphs"] = {**after, "captured_in_timed_window": after["graphs"] - graphs_before["graphs"],
+                              "eager_steps_in_timed_window": after["eager_steps"] - graphs_before["eager_steps"]}
     steady = peak_memory(dev)
     out["steady_peak_memory_allocated_bytes"] = steady["peak_memory_allocated_bytes"]
     out["steady_peak_memory_reserved_bytes"] = steady["peak_memory_reserved_bytes"]
@@ -483,8 +521,10 @@ def loader_steps(trial: Trial, store_loc: str, workers: int, seconds: float, bud
     loader, per_epoch, n_images = make_store_loader(store_loc, trial.resolution, workers,
                                                     pin=dev.type == "cuda")
     it = iter(loader)
-    out = time_steps(trial, it, warmup_steps=max(per_epoch, 2), min_steps=4, seconds=seconds,
-                     budget=budget)
+    # With CUDA graphs every new image count is a capture: warm up over several epochs (several
+    # shuffles) so that most shapes are captured before the timed window, which reports the rest.
+    warmup = max(per_epoch, 2) * (GRAPH_WARMUP_EPOCHS if trial.graphs is not None else 1)
+    out = time_steps(trial, it, warmup_steps=warmup, min_steps=4, seconds=seconds, budget=budget)
     del it
     out.update({"workers": workers, "batches_per_epoch": per_epoch, "images_per_epoch": n_images})
     return out
@@ -527,13 +567,21 @@ def run_configs(configs, device: torch.device, args, budget: Budget, store: dict
     results = []
     amp = device.type == "cuda" and not args.no_amp
     channels_last = device.type == "cuda" and not args.no_channels_last
-    for name, res, with_loader in configs:
-        rec: dict[str, Any] = {"model": name, "resolution": res, "batch_studies": BATCH["studies"],
-                               "images_per_batch": BATCH["images"], "amp": "bf16" if amp else "off",
-                               "channels_last": channels_last}
+    for cfg in configs:
+        name, res, with_loader = cfg.model, cfg.resolution, cfg.loader
+        images = cfg.images or BATCH["images"]
+        studies = BATCH["studies"] if not cfg.images else max(1, round(cfg.images / 1.5))
+        rec: dict[str, Any] = {"label": cfg.label, "model": name, "resolution": res,
+                               "batch_studies": studies, "images_per_batch": images,
+                               "amp": "bf16" if amp else "off", "channels_last": channels_last,
+                               "cuda_graphs": cfg.graphs}
         target = TARGETS.get(name, {}).get(res)
         if target and device.type == "cuda":
             rec["target_images_per_s"] = target
+        if cfg.graphs and device.type != "cuda":
+            rec["synthetic"] = rec["loader"] = "skipped: CUDA graphs need a CUDA device"
+            results.append(rec)
+            continue
         if not budget.allows(args.config_reserve_s + reserve_s):
             rec["synthetic"] = rec["loader"] = "skipped: budget"
             results.append(rec)
@@ -542,24 +590,24 @@ def run_configs(configs, device: torch.device, args, budget: Budget, store: dict
         try:
             reset_peak(device)
             t0 = time.perf_counter()
-            trial = Trial(name, res, device, amp, channels_last)
+            trial = Trial(name, res, device, amp, channels_last, graphs=cfg.graphs)
             rec["model"] = trial.name
             rec["parameters"] = trial.parameters
             rec["build_s"] = time.perf_counter() - t0
             try:
-                batch = synthetic_batch(res, device)
+                batch = synthetic_batch(res, device, images=images, studies=studies)
                 syn = time_steps(trial, _repeat(batch), warmup_steps=args.warmup_steps,
                                  min_steps=args.min_steps, seconds=args.seconds, budget=budget)
             except torch.OutOfMemoryError as oom:
                 # 60 images is the brief's round figure; CheXpert has 1.19 images per study, so
                 # 40 studies are ~48 images in practice: measure that instead, and say so.
-                if not OOM_RETRY_IMAGES or BATCH["images"] <= OOM_RETRY_IMAGES:
+                if not OOM_RETRY_IMAGES or images <= OOM_RETRY_IMAGES or cfg.images or cfg.graphs:
                     raise
                 first = _error(oom)
                 batch = oom = None
                 trial.opt.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                rec["oom_at_images_per_batch"] = BATCH["images"]
+                rec["oom_at_images_per_batch"] = images
                 rec["oom_error"] = first
                 rec["images_per_batch"] = OOM_RETRY_IMAGES
                 reset_peak(device)
@@ -598,7 +646,7 @@ def run_configs(configs, device: torch.device, args, budget: Budget, store: dict
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results.append(rec)
-        _log(f"{name}@{res}: " + json.dumps(_clean(_brief(rec))))
+        _log(f"{cfg.label}: " + json.dumps(_clean(_brief(rec))))
     return results
 
 
@@ -612,6 +660,48 @@ def _brief(rec: dict) -> dict:
         else:
             out[part] = v
     return out
+
+
+def section_graphs_check(device: torch.device, amp: bool, channels_last: bool,
+                         name: str = "resnet50", res: int = 160, rounds: int = 3) -> Any:
+    """Do CUDA graphs train the same model? Three runs from the same seed over the same batches
+    (two batch shapes, each seen several times): eager, eager again, graphed. The eager-vs-eager
+    difference is the GPU's own run-to-run noise (atomics in cuDNN/cuBLAS backward); the
+    eager-vs-graphed difference should be of the same size."""
+    if device.type != "cuda":
+        return "skipped: CUDA graphs need a CUDA device"
+    sizes = [BATCH["images"], BATCH["images"] - 3] * rounds
+    batches = [synthetic_batch(res, device, images=n, seed=i) for i, n in enumerate(sizes)]
+    runs = {}
+    for label, graphs in (("eager", False), ("eager_again", False), ("graphed", True)):
+        trial = Trial(name, res, device, amp, channels_last, graphs=graphs)   # seeds torch: same init
+        losses = []
+        for b in batches:
+            loss, _, _ = trial.epoch_fn(trial.model, _Window(_repeat(b), 1), trial.opt, trial.sched,
+                                        epoch=1, device=device, augment=True, bf16=amp,
+                                        channels_last=channels_last,
+                                        **({"graphs": trial.graphs} if graphs else {}))
+            losses.append(loss)
+        state = {k: v.detach().float().clone() for k, v in trial.model.state_dict().items()}
+        runs[label] = {"losses": losses, "state": state,
+                       "graphs": trial.graphs.stats() if trial.graphs is not None else None}
+        del trial
+    torch.cuda.empty_cache()
+
+    def diff(a: str, b: str) -> dict:
+        la, lb = np.array(runs[a]["losses"]), np.array(runs[b]["losses"])
+        sa, sb = runs[a]["state"], runs[b]["state"]
+        bn = [k for k in sa if k.endswith("running_mean") or k.endswith("running_var")]
+        weights = [k for k in sa if k not in bn and not k.endswith("num_batches_tracked")]
+        return {"max_rel_loss_diff": float(np.max(np.abs(la - lb) / np.abs(la))),
+                "max_abs_weight_diff": max(float((sa[k] - sb[k]).abs().max()) for k in weights),
+                "max_abs_bn_stat_diff": max(float((sa[k] - sb[k]).abs().max()) for k in bn),
+                "batches_tracked_equal": all(torch.equal(sa[k], sb[k]) for k in sa
+                                             if k.endswith("num_batches_tracked"))}
+
+    return {"model": name, "resolution": res, "steps": len(batches), "batch_images": sizes,
+            "losses": {k: v["losses"] for k, v in runs.items()}, "graphs": runs["graphed"]["graphs"],
+            "eager_vs_eager": diff("eager", "eager_again"), "eager_vs_graphed": diff("eager", "graphed")}
 
 
 def section_loader_rates(store: dict, resolutions: list[int], workers: int, seconds: float,
@@ -736,6 +826,10 @@ def _sweep_trials(sweep_dir: str) -> list[dict]:
             rec["peak_memory_bytes"] = result.get("peak_memory_bytes")
             rec["trial_seconds"] = result.get("seconds")
             rec["best_auroc_mean"] = max((h.get("auroc_mean") or 0) for h in result.get("history", [{}]))
+        log_path = os.path.join(sweep_dir, "trials", tid, "log.txt")
+        if os.path.exists(log_path):   # the trainer logs its CUDA-graph use per epoch
+            with open(log_path) as f:
+                rec["cuda_graph_log"] = [line.strip() for line in f if "CUDA graphs" in line][-3:]
         trials.append(rec)
     return trials
 
@@ -781,7 +875,9 @@ def section_packing_probe(args, device: torch.device, single_rate: float | None,
             children.append(json.loads(so.strip().splitlines()[-1]))
         except Exception:
             children.append({"error": f"exit {p.returncode}: {(se or so)[-600:]}"})
-    out: dict[str, Any] = {"model": name, "resolution": res, "processes": n, "children": children}
+    from trainer.graphs import want_graphs
+    out: dict[str, Any] = {"model": name, "resolution": res, "processes": n,
+                           "cuda_graphs": want_graphs("auto", device, res), "children": children}
     ok = [c for c in children if "images_per_s" in c]
     if len(ok) == n:
         total = sum(c["images_per_s"] for c in ok)
@@ -804,7 +900,9 @@ def probe_child(args) -> int:
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    trial = Trial(name, res, device, amp=cuda, channels_last=cuda)
+    from trainer.graphs import want_graphs
+    trial = Trial(name, res, device, amp=cuda, channels_last=cuda,
+                  graphs=want_graphs("auto", device, res))   # as a sweep trial runs it
     source = _repeat(synthetic_batch(res, device))
     trial.run(source, args.warmup_steps)
     calib = max(1, args.min_steps // 2)
@@ -870,9 +968,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="toy sizes for CI: resnet18 at 32/48 px, few steps")
     p.add_argument("--budget-s", type=float, default=420.0, help="global time budget; later sections are skipped")
     p.add_argument("--out", default=None, help="also write the JSON here (default: $OUT/gpu_check.json if $OUT is set)")
-    p.add_argument("--sections", default="env,store,configs,loader_rates,mini_sweep,packing_probe,extra",
+    p.add_argument("--sections", default="env,store,configs,graphs_check,loader_rates,mini_sweep,packing_probe,extra",
                    help="comma-separated sections to run")
-    p.add_argument("--configs", default=None, help="override the (model@res) list, e.g. resnet50@160,densenet121@480")
+    p.add_argument("--configs", default=None,
+                   help="override the measurement list: MODEL@RES[:graphs][:bIMAGES], comma-separated, "
+                        "e.g. resnet50@160,resnet50@160:graphs,resnet50@160:b240")
     p.add_argument("--seconds", type=float, default=None, help="timed window per measurement")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--min-steps", type=int, default=None)
@@ -918,11 +1018,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _parse_configs(text: str) -> list[tuple[str, int, bool]]:
+def _parse_configs(text: str) -> list[Config]:
+    """``resnet50@160,resnet50@160:graphs,resnet50@160:b240`` -> Configs."""
     out = []
     for item in text.split(","):
-        name, _, res = item.strip().partition("@")
-        out.append((name, int(res), True))
+        head, *opts = item.strip().split(":")
+        name, _, res = head.partition("@")
+        if not name or not res.isdigit():
+            raise SystemExit(f"gpu_check: --configs item {item!r} is not MODEL@RES[:graphs][:bN]")
+        kw: dict[str, Any] = {}
+        for opt in opts:
+            if opt == "graphs":
+                kw["graphs"] = True
+            elif opt[:1] == "b" and opt[1:].isdigit() and int(opt[1:]) > 0:
+                kw["images"], kw["loader"] = int(opt[1:]), False
+            else:
+                raise SystemExit(f"gpu_check: --configs option {opt!r} in {item!r} is not "
+                                 "'graphs' or 'b<images>'")
+        out.append(Config(name, int(res), **kw))
     return out
 
 
@@ -987,23 +1100,31 @@ def main(argv=None, report: dict | None = None, out_path: str | None = None) -> 
         configs = (_parse_configs(args.configs) if args.configs
                    else (TINY_CONFIGS if args.tiny else FULL_CONFIGS))
         extra = [] if args.configs else (TINY_EXTRA_CONFIGS if args.tiny else FULL_EXTRA_CONFIGS)
-        store_res = sorted({r for _, r, lo in configs + extra if lo} | {args.sweep_resolution})
+        store_res = sorted({c.resolution for c in configs + extra if c.loader} | {args.sweep_resolution})
         store = run_section("store", lambda: build_phantom_store(
             workdir, args.store_studies, store_res, args.source_size, workers), 20)
+        run_section("graphs_check", lambda: section_graphs_check(
+            device, device.type == "cuda" and not args.no_amp,
+            device.type == "cuda" and not args.no_channels_last), 20)
         later = sum(args.section_reserve_s[k] for k in ("mini_sweep", "packing_probe") if k in want)
         res_list = run_section("configs", lambda: {"results": run_configs(
             configs, device, args, budget, store, workers, reserve_s=later)}, 10)
         if isinstance(store, dict) and "location" in store:
             run_section("loader_rates", lambda: {"results": section_loader_rates(
-                store, sorted({r for _, r, lo in configs if lo}), workers, min(args.seconds, 2.0),
+                store, sorted({c.resolution for c in configs if c.loader}), workers, min(args.seconds, 2.0),
                 device)}, 10)
         else:
             report["loader_rates"] = "not requested" if "loader_rates" not in want else {"error": "no store"}
         args.sweep_timeout_s = max(30.0, min(args.sweep_timeout_s, budget.left - 15))
         run_section("mini_sweep", lambda: section_mini_sweep(args, store, device, workdir), 45)
+        # The probe's one-process baseline: the same model, resolution, batch and graph mode.
+        from trainer.graphs import want_graphs
+        probe_graphs = want_graphs("auto", device, args.probe_resolution)
         single = None
         for rec in (res_list or {}).get("results", []) if isinstance(res_list, dict) else []:
             if (rec["model"], rec["resolution"]) == (args.probe_model, args.probe_resolution) \
+                    and rec.get("cuda_graphs", False) == probe_graphs \
+                    and rec.get("images_per_batch") == BATCH["images"] \
                     and isinstance(rec.get("synthetic"), dict):
                 single = rec["synthetic"].get("images_per_s")
         run_section("packing_probe", lambda: section_packing_probe(args, device, single, budget),
@@ -1033,7 +1154,10 @@ def summarize(report: dict) -> dict:
             syn = rec.get("synthetic") if isinstance(rec.get("synthetic"), dict) else {}
             lo = rec.get("loader") if isinstance(rec.get("loader"), dict) else {}
             rows.append({
+                "label": rec.get("label", f"{rec['model']}@{rec['resolution']}"),
                 "model": rec["model"], "resolution": rec["resolution"],
+                "cuda_graphs": rec.get("cuda_graphs", False),
+                "images_per_batch": rec.get("images_per_batch"),
                 "synthetic_images_per_s": syn.get("images_per_s"),
                 "target_images_per_s": rec.get("target_images_per_s"),
                 "share_of_target": rec.get("share_of_target"),
@@ -1045,10 +1169,10 @@ def summarize(report: dict) -> dict:
             })
             for part, v in (("synthetic", rec.get("synthetic")), ("loader", rec.get("loader"))):
                 if isinstance(v, dict) and "error" in v:
-                    errors.append(f"{rec['model']}@{rec['resolution']} {part}: {v['error']}")
+                    errors.append(f"{rows[-1]['label']} {part}: {v['error']}")
                 elif isinstance(v, str) and v.startswith("skipped"):
-                    errors.append(f"{rec['model']}@{rec['resolution']} {part}: {v}")
-    for section in ("env", "store", "loader_rates", "mini_sweep", "packing_probe"):
+                    errors.append(f"{rows[-1]['label']} {part}: {v}")
+    for section in ("env", "store", "graphs_check", "loader_rates", "mini_sweep", "packing_probe"):
         v = report.get(section)
         if isinstance(v, dict) and "error" in v:
             errors.append(f"{section}: {v['error']}")

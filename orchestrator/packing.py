@@ -160,9 +160,13 @@ def estimate_table(models: Iterable[str] | None = None,
 def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
     """Footprints measured by ``bench/gpu_check.py`` (its JSON document), keyed (model, resolution).
 
-    Only configs that ran on CUDA with a synthetic measurement are taken. The busy share is
-    1 / packing gain where the check's packing probe ran that config, else NVML's utilisation.
+    Only configs that ran on CUDA with a synthetic measurement at the protocol's batch are taken,
+    and where the check measured both, the row in the mode a trial runs in (CUDA graphs at the
+    resolutions where ``trainer.graphs.want_graphs('auto', ...)`` turns them on, else eager). The
+    busy share is 1 / packing gain where the check's packing probe ran that config in that mode,
+    else NVML's utilisation.
     """
+    from trainer.graphs import AUTO_MAX_RESOLUTION
     with open(json_path) as f:
         report = json.load(f)
     if report.get("device_type") != "cuda":
@@ -170,7 +174,9 @@ def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
     env = report.get("env") if isinstance(report.get("env"), dict) else {}
     where = f"measured: {env.get('device_name', 'cuda')}, {str(report.get('started', ''))[:10]}"
     probe = report.get("packing_probe") if isinstance(report.get("packing_probe"), dict) else {}
+    protocol_images = (report.get("settings") or {}).get("images_per_batch")
     out: dict[tuple[str, int], Footprint] = {}
+    exact: set[tuple[str, int]] = set()   # keys filled from a row in the trial's own graph mode
     for section in ("configs", "extra"):
         value = report.get(section)
         if not isinstance(value, dict):
@@ -182,12 +188,21 @@ def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
             mem_bytes = syn.get("peak_memory_reserved_bytes") or syn.get("peak_memory_allocated_bytes")
             if not mem_bytes:
                 continue
+            if protocol_images and rec.get("images_per_batch", protocol_images) != protocol_images:
+                continue   # a batch-size experiment, not what a trial runs
             key = (rec["model"], int(rec["resolution"]))
-            busy, source = syn.get("busy_share"), where
-            if (probe.get("model"), probe.get("resolution")) == key and probe.get("packing_gain"):
-                busy, source = min(1.0, 1.0 / float(probe["packing_gain"])), where + ", probe"
+            graphs = bool(rec.get("cuda_graphs", False))
+            own_mode = graphs == (key[1] <= AUTO_MAX_RESOLUTION)
+            if key in exact and not own_mode:
+                continue
+            busy, source = syn.get("busy_share"), where + (", CUDA graphs" if graphs else "")
+            if (probe.get("model"), probe.get("resolution")) == key and probe.get("packing_gain") \
+                    and bool(probe.get("cuda_graphs", False)) == graphs:
+                busy, source = min(1.0, 1.0 / float(probe["packing_gain"])), source + ", probe"
             if busy is None:
                 continue
+            if own_mode:
+                exact.add(key)
             out[key] = Footprint(memory_gb=round(mem_bytes / 1e9 + CUDA_CONTEXT_GB, 2),
                                  busy_share=round(float(busy), 2), source=source)
     return out

@@ -71,6 +71,7 @@ class TrainConfig:
     amp: str = "auto"                    # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'off'
     channels_last: str = "auto"          # 'auto' (on for CUDA), 'on', 'off'
     workers: int = -1                    # loader worker processes; -1 = auto, 0 = in-process
+    cuda_graphs: str = "auto"            # replay forward+backward as CUDA graphs: 'auto' (CUDA at <= 240 px), 'on', 'off'
     cache_dir: str = ""                  # node-local store cache dir (preprocessing/cache.py); "" = read the store directly
 
     # --- validation ---------------------------------------------------------------------------
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ConfigError(f"channels_last: {self.channels_last!r} is not 'auto', 'on' or 'off'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graphs: {self.cuda_graphs!r} is not 'auto', 'on' or 'off'")
         if self.workers < -1:
             raise ConfigError(f"workers: must be -1 (auto) or >= 0, got {self.workers}")
 
@@ -192,10 +195,10 @@ class TrainConfig:
 
         Excluded: where the store lives (its content is covered by the manifest hash), the weight
         cache location (its content is covered by ``weights``), loader workers (results do not
-        depend on them) and the reserved cache folder. Device, amp and channels_last stay in: a
+        depend on them), CUDA graphs (the same kernels, replayed) and the node-local cache folder. Device, amp and channels_last stay in: a
         bf16 GPU run is not the same experiment as an fp32 CPU run.
         """
-        excluded = {"store", "weights_dir", "workers", "cache_dir"}
+        excluded = {"store", "weights_dir", "workers", "cache_dir", "cuda_graphs"}
         return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in excluded)
 
     def result_dict(self) -> dict[str, Any]:

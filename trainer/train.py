@@ -41,6 +41,7 @@ from trainer import checkpoint as ckpt
 from trainer.augment import AugmentSettings, to_model_input
 from trainer.config import ConfigError, TrainConfig, field_help
 from trainer.data import StudyBatches, load_split, make_loader, resolve_workers, segment_max
+from trainer.graphs import GraphedTraining, want_graphs
 from trainer.metrics import auroc_per_task, masked_bce_with_logits, nanmean
 
 log = logging.getLogger("trainer")
@@ -167,9 +168,14 @@ def build_scheduler(optimizer, cfg: TrainConfig, stage: str, steps_per_epoch: in
 # ============================================================================================
 
 def train_one_epoch(model, loader, optimizer, scheduler, *, epoch: int, device: torch.device,
-                    augment: bool, bf16: bool, channels_last: bool, progress: bool = False
-                    ) -> tuple[float, int, float]:
-    """Returns (mean train loss, images seen, seconds)."""
+                    augment: bool, bf16: bool, channels_last: bool, progress: bool = False,
+                    graphs=None) -> tuple[float, int, float]:
+    """Returns (mean train loss, images seen, seconds).
+
+    ``graphs``: a trainer.graphs.GraphedTraining for this model and stage. It replays the forward
+    and backward as CUDA graphs; None runs them eagerly.
+    """
+    forward = model if graphs is None else graphs
     model.train()
     loader.sampler.epoch = epoch
     nan_every = 1 if device.type == "cpu" else CUDA_NAN_CHECK_EVERY
@@ -191,7 +197,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, epoch: int, device: 
 
         # --- forward: image logits -> study logits (max over a study's images) -> masked BCE -----
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            image_logits = model(x)                                       # N_img, T
+            image_logits = forward(x)                                     # N_img, T
         study_logits = segment_max(image_logits.float(), study_index, labels.shape[0])  # S, T
         loss = masked_bce_with_logits(study_logits, labels)
 
@@ -381,16 +387,18 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
                              weights="none" if resume else cfg.weights,
                              weights_dir=cfg.weights_dir or None)
         bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
+        graphs_on = want_graphs(cfg.cuda_graphs, device, cfg.resolution)
         model = model.to(device, memory_format=torch.channels_last if channels_last
                          else torch.contiguous_format)
         trial_log(f"model {model.name} ({cfg.weights} weights) on {device_name(device)}; "
-                  f"bf16 {'on' if bf16 else 'off'}, channels_last {'on' if channels_last else 'off'}")
+                  f"bf16 {'on' if bf16 else 'off'}, channels_last {'on' if channels_last else 'off'}, "
+                  f"CUDA graphs {'on' if graphs_on else 'off'}")
 
         # ---- 4. resume ------------------------------------------------------------------------
         history: list[dict] = []
         best: dict[str, dict] = {}
         start_epoch = 1
-        optimizer = scheduler = None
+        optimizer = scheduler = graphs = None
         opt_stage = None
         if resume is not None:
             model.load_state_dict(resume["model"])
@@ -414,6 +422,8 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
                 optimizer = build_optimizer(model, cfg, stage)
                 scheduler = build_scheduler(optimizer, cfg, stage, steps_per_epoch)
                 opt_stage = stage
+            if graphs_on and (graphs is None or graphs.stage != stage):
+                graphs = GraphedTraining(model, bf16=bf16, stage=stage)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t_epoch = time.perf_counter()
@@ -421,7 +431,9 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
             train_loss, n_images, train_seconds = train_one_epoch(
                 model, train_loader, optimizer, scheduler, epoch=epoch, device=device,
                 augment=augment is not None, bf16=bf16, channels_last=channels_last,
-                progress=progress)
+                progress=progress, graphs=graphs)
+            if graphs is not None:
+                trial_log(f"epoch {epoch}: CUDA graphs {graphs.stats()}")
 
             logits = evaluate(model, valid_loader, device=device, bf16=bf16,
                               channels_last=channels_last, num_studies=valid_data.num_studies,
