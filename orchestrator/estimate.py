@@ -15,13 +15,14 @@ figures), times a per-family efficiency factor, because FLOPs alone flatter memo
   from B0. This factor is the least certain number in the table.
 
 Validation is a forward pass over the valid split every epoch, costed at 1/3 of a training image.
-Replace the table with measured figures (``python -m trainer.bench`` on the target GPU) when you
-have them: ``--throughput-file`` is not implemented; edit ``GFLOPS_224``/``FAMILY_EFFICIENCY``.
+Measured figures replace the table per (model, resolution): the sweep's ``--gpu-measurements
+FILE`` (a ``bench/gpu_check.py`` JSON) gives ``estimate(..., measured=...)`` the check's images/s,
+and the dry run says which groups were costed with them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 #: ResNet50, one H100, bf16/AMP, 224 px: 2,470 img/s (A100) x 1.8.
 ANCHOR_IMAGES_PER_S = 2470.0 * 1.8
@@ -80,8 +81,12 @@ def epoch_images(train_images: int, valid_images: int, max_train_studies: int = 
 
 
 def estimate(trials: list[tuple[str, int]], epochs: int, train_images: int, valid_images: int,
-             gpus_per_trial: float | Sequence[float] = 1.0) -> Estimate:
+             gpus_per_trial: float | Sequence[float] = 1.0,
+             measured: Mapping[tuple[str, int], float] | None = None) -> Estimate:
     """GPU-hours for trials given as (resolved model, resolution) pairs.
+
+    ``measured``: (model, resolution) -> images/s measured on the target GPU; those groups use it
+    instead of the table (their ``per_group`` entry says ``"source": "measured"``).
 
     ``gpus_per_trial``: one GPU share for every trial, or one per trial (``--gpus-per-trial
     auto``). A trial holding a fraction of a GPU is costed at its wall time times that fraction,
@@ -95,11 +100,13 @@ def estimate(trials: list[tuple[str, int]], epochs: int, train_images: int, vali
     per_group: dict = {}
     total = 0.0
     for (model, res), share in zip(trials, shares):
-        ips = images_per_s(model, res)
+        rate = (measured or {}).get((model, res))
+        ips = rate if rate else images_per_s(model, res)
         seconds = epochs * (train_images + VALID_COST * valid_images) / ips
         hours = seconds / 3600.0 * (share if share > 0 else 1.0)
         g = per_group.setdefault((model, res), {"trials": 0, "images_per_s": ips, "gpu_hours": 0.0,
-                                                "gpu_share": share})
+                                                "gpu_share": share,
+                                                "source": "measured" if rate else "table"})
         g["trials"] += 1
         g["gpu_hours"] += hours
         total += hours

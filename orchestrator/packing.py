@@ -33,7 +33,8 @@ Where the numbers come from, in order of trust:
      img/s at 160 px; EfficientNet's depthwise convolutions at a quarter of the ResNet rate);
      CPU time per step = ``LAUNCH_S`` x (3 x forward aten ops + ``FIXED_KERNELS``) (eager
      PyTorch launches kernels one by one, backward ~2 per forward op; a small step is bound by
-     that);
+     that), or ``LAUNCH_S`` x ``FIXED_KERNELS`` where the trial replays its forward and backward
+     as CUDA graphs (trainer/graphs.py: by default at <= 320 px on CUDA, ``cuda_graphs``);
      busy share = GPU time / max(GPU time, CPU time).
 
    These are ESTIMATES, to be replaced by measurements: they say which trials are small, not how
@@ -117,6 +118,7 @@ class Footprint:
     memory_gb: float
     busy_share: float
     source: str            # 'estimate' or 'measured: <device>, <date>[, probe]'
+    images_per_s: float | None = None   # measured training rate alone on the GPU (synthetic data)
 
 
 Table = Mapping[tuple[str, int], Footprint]
@@ -137,36 +139,48 @@ def _rates() -> dict[str, float]:
     return out
 
 
-def estimate(model: str, resolution: int, images: int = IMAGES_PER_BATCH) -> Footprint | None:
-    """The CPU-profile estimate for a trial, or None for a model without a profile."""
+def uses_graphs(resolution: int, cuda_graphs: str = "auto") -> bool:
+    """Whether a trial with TrainConfig.cuda_graphs = ``cuda_graphs`` replays CUDA graphs on a GPU."""
+    import torch
+
+    from trainer.graphs import want_graphs
+    return want_graphs(cuda_graphs, torch.device("cuda"), int(resolution))
+
+
+def estimate(model: str, resolution: int, images: int = IMAGES_PER_BATCH,
+             graphs: bool | None = None) -> Footprint | None:
+    """The CPU-profile estimate for a trial, or None for a model without a profile. ``graphs``:
+    whether the trial replays CUDA graphs (None: what the trainer's default does at this size)."""
     p = CPU_PROFILE.get(model)
     if p is None:
         return None
+    if graphs is None:
+        graphs = uses_graphs(resolution)
     scale = (resolution / REFERENCE_RESOLUTION) ** 2
     memory = (16 * p["params"] + 0.5 * p["saved_bytes_at128"] * scale * images * ACTIVATION_SLACK) / 1e9
     gpu_s = 3 * p["fwd_flops_at128"] * scale * images / _rates()[_family(model)]
-    cpu_s = LAUNCH_S * (3 * p["fwd_ops"] + FIXED_KERNELS)
+    cpu_s = LAUNCH_S * (FIXED_KERNELS + (0 if graphs else 3 * p["fwd_ops"]))
     busy = gpu_s / max(gpu_s, cpu_s)
     return Footprint(memory_gb=round(memory + CUDA_CONTEXT_GB, 2), busy_share=round(busy, 2),
-                     source="estimate")
+                     source="estimate, CUDA graphs" if graphs else "estimate")
 
 
 def estimate_table(models: Iterable[str] | None = None,
-                   resolutions: Iterable[int] = (160, 240, 320, 400, 480)) -> dict:
-    return {(m, int(r)): estimate(m, int(r)) for m in (models or CPU_PROFILE) for r in resolutions
-            if m in CPU_PROFILE}
+                   resolutions: Iterable[int] = (160, 240, 320, 400, 480),
+                   cuda_graphs: str = "auto") -> dict:
+    return {(m, int(r)): estimate(m, int(r), graphs=uses_graphs(r, cuda_graphs))
+            for m in (models or CPU_PROFILE) for r in resolutions if m in CPU_PROFILE}
 
 
-def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
+def load_measurements(json_path: str, cuda_graphs: str = "auto") -> dict[tuple[str, int], Footprint]:
     """Footprints measured by ``bench/gpu_check.py`` (its JSON document), keyed (model, resolution).
 
-    Only configs that ran on CUDA with a synthetic measurement at the protocol's batch are taken,
-    and where the check measured both, the row in the mode a trial runs in (CUDA graphs at the
-    resolutions where ``trainer.graphs.want_graphs('auto', ...)`` turns them on, else eager). The
-    busy share is 1 / packing gain where the check's packing probe ran that config in that mode,
-    else NVML's utilisation.
+    Only configs that ran on CUDA with a synthetic measurement at the protocol's batch, in the mode
+    a trial runs in (CUDA graphs or eager, per :func:`uses_graphs` with the sweep's ``cuda_graphs``
+    setting), are taken: an eager step at 160 px keeps a GPU less than half as busy as a graphed
+    one, so the other mode's figures would mislead. The busy share is 1 / packing gain where the
+    check's packing probe ran that config in that mode, else NVML's utilisation.
     """
-    from trainer.graphs import AUTO_MAX_RESOLUTION
     with open(json_path) as f:
         report = json.load(f)
     if report.get("device_type") != "cuda":
@@ -176,7 +190,6 @@ def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
     probe = report.get("packing_probe") if isinstance(report.get("packing_probe"), dict) else {}
     protocol_images = (report.get("settings") or {}).get("images_per_batch")
     out: dict[tuple[str, int], Footprint] = {}
-    exact: set[tuple[str, int]] = set()   # keys filled from a row in the trial's own graph mode
     for section in ("configs", "extra"):
         value = report.get(section)
         if not isinstance(value, dict):
@@ -192,8 +205,7 @@ def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
                 continue   # a batch-size experiment, not what a trial runs
             key = (rec["model"], int(rec["resolution"]))
             graphs = bool(rec.get("cuda_graphs", False))
-            own_mode = graphs == (key[1] <= AUTO_MAX_RESOLUTION)
-            if key in exact and not own_mode:
+            if graphs != uses_graphs(key[1], cuda_graphs):
                 continue
             busy, source = syn.get("busy_share"), where + (", CUDA graphs" if graphs else "")
             if (probe.get("model"), probe.get("resolution")) == key and probe.get("packing_gain") \
@@ -201,19 +213,20 @@ def load_measurements(json_path: str) -> dict[tuple[str, int], Footprint]:
                 busy, source = min(1.0, 1.0 / float(probe["packing_gain"])), source + ", probe"
             if busy is None:
                 continue
-            if own_mode:
-                exact.add(key)
             out[key] = Footprint(memory_gb=round(mem_bytes / 1e9 + CUDA_CONTEXT_GB, 2),
-                                 busy_share=round(float(busy), 2), source=source)
+                                 busy_share=round(float(busy), 2), source=source,
+                                 images_per_s=float(syn["images_per_s"]))
     return out
 
 
-def load_table(measurements: str | Iterable[str] | None = None) -> dict[tuple[str, int], Footprint]:
+def load_table(measurements: str | Iterable[str] | None = None,
+               cuda_graphs: str = "auto") -> dict[tuple[str, int], Footprint]:
     """Estimates for every profiled model at the protocol resolutions, overridden by the
-    measurements in ``measurements`` (a gpu_check JSON, or several: later files win), if given."""
-    table = estimate_table()
+    measurements in ``measurements`` (a gpu_check JSON, or several: later files win), if given.
+    ``cuda_graphs`` is the trials' TrainConfig.cuda_graphs: it decides which mode's figures apply."""
+    table = estimate_table(cuda_graphs=cuda_graphs)
     for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
-        table.update(load_measurements(path))
+        table.update(load_measurements(path, cuda_graphs))
     return table
 
 
@@ -404,3 +417,15 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def measured_rates(measurements: str | Iterable[str] | None,
+                   cuda_graphs: str = "auto") -> dict[tuple[str, int], tuple[float, str]]:
+    """(model, resolution) -> (measured images/s, where) from gpu_check JSONs, in the trials' graph
+    mode; later files win. The sweep's dry run costs these groups with them instead of the table."""
+    out: dict[tuple[str, int], tuple[float, str]] = {}
+    for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
+        for key, fp in load_measurements(path, cuda_graphs).items():
+            if fp.images_per_s:
+                out[key] = (fp.images_per_s, fp.source)
+    return out

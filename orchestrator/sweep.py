@@ -238,8 +238,10 @@ def run_aggregator(sweep_loc: str, out_dir: str, out: IO[str], fallback_table: s
 
 
 def dry_run_report(trials: list[Trial], plan: ledger.Plan, store, base: TrainConfig,
-                   gpus_per_trial: float | dict[str, float]) -> str:
-    """``gpus_per_trial``: one GPU share for all trials, or trial id -> share (``auto``)."""
+                   gpus_per_trial: float | dict[str, float],
+                   measured: dict[tuple[str, int], tuple[float, str]] | None = None) -> str:
+    """``gpus_per_trial``: one GPU share for all trials, or trial id -> share (``auto``).
+    ``measured``: packing.measured_rates of --gpu-measurements, used instead of the table."""
     from orchestrator import estimate as est
     counts = store.manifest.get("counts", {}).get("per_split", {})
     train_images = int(counts.get("train", {}).get("stored", 0))
@@ -250,22 +252,28 @@ def dry_run_report(trials: list[Trial], plan: ledger.Plan, store, base: TrainCon
     share = (gpus_per_trial if isinstance(gpus_per_trial, dict)
              else {t.trial_id: float(gpus_per_trial) for t in trials})
     left = [t for t in trials if t.trial_id in to_run]
+    rates = {k: v[0] for k, v in (measured or {}).items()}
     e_all = est.estimate([(t.params.model, t.params.resolution) for t in trials], base.total_epochs,
-                         train_n, valid_n, [share[t.trial_id] for t in trials])
+                         train_n, valid_n, [share[t.trial_id] for t in trials], rates)
     e_left = est.estimate([(t.params.model, t.params.resolution) for t in left], base.total_epochs,
-                          train_n, valid_n, [share[t.trial_id] for t in left])
+                          train_n, valid_n, [share[t.trial_id] for t in left], rates)
     lines = [f"{len(trials)} trials: {len(plan.finished)} finished, {len(plan.to_run)} to run "
              f"({len(plan.resumed)} of them resume from storage)",
              f"per trial: {base.total_epochs} epochs x {train_n:,} train + {valid_n:,} valid images"
              f" (store: {train_images:,} / {valid_images:,})", "",
-             "group                         trials  est. img/s (H100)  GPU share  est. GPU-h"]
+             "group                         trials  est. img/s (H100)  GPU share  est. GPU-h  img/s from"]
     for (model, res), g in sorted(e_all.per_group.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         frac = packing.format_fraction(g["gpu_share"]) if g["gpu_share"] > 0 else "0 (CPU)"
+        source = (measured or {}).get((model, res), (0, "table (docs/sweep.md)"))[1]
         lines.append(f"{model + ' @ ' + str(res) + ' px':<30}{g['trials']:>6}  {g['images_per_s']:>17,.0f}"
-                     f"  {frac:>9}  {g['gpu_hours']:>10.2f}")
+                     f"  {frac:>9}  {g['gpu_hours']:>10.2f}  {source}")
+    n_measured = sum(1 for g in e_all.per_group.values() if g["source"] == "measured")
+    basis = (f"{n_measured} of {len(e_all.per_group)} groups at their measured img/s "
+             f"(--gpu-measurements), the rest from the throughput table in docs/sweep.md"
+             if n_measured else "from the throughput table in docs/sweep.md")
     lines += ["", f"estimated GPU-hours: {e_all.gpu_hours:.1f} for the whole grid, "
               f"{e_left.gpu_hours:.1f} still to run "
-              f"(an ESTIMATE from the throughput table in docs/sweep.md, not a measurement)", "",
+              f"(an ESTIMATE: {basis}; full GPU speed, no start-up)", "",
               "trials:"]
     fin = set(plan.finished)
     for t in trials:
@@ -421,11 +429,6 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
         raise UserError(f"--gpu-memory-gb: {gpu_memory_gb:g} is not positive")
     measurements = ([gpu_measurements] if isinstance(gpu_measurements, str)
                     else list(gpu_measurements or []))
-    try:
-        gpu_table = packing.load_table(measurements) if gpus_per_trial == "auto" else None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"--gpu-measurements: cannot read a gpu_check JSON "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if max_failures < 0:
         raise UserError(f"--max-failures: {max_failures} is negative")
 
@@ -439,6 +442,13 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
         base = TrainConfig.from_dict(overrides)
     if tasks and task_mode == "multi" and tuple(tasks) != tuple(base.tasks):
         base = TrainConfig.from_dict({"tasks": tasks}, base=base)
+    try:   # the trials' CUDA-graph setting decides which figures (graphed or eager) apply
+        gpu_table = (packing.load_table(measurements, base.cuda_graphs)
+                     if gpus_per_trial == "auto" else None)
+        rates = packing.measured_rates(measurements, base.cuda_graphs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--gpu-measurements: cannot read a gpu_check JSON "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     paths = {"store": store, "task_mode": "multi", "task": ""}
     for key in ("weights_dir", "cache_dir"):
         if getattr(base, key):
@@ -474,7 +484,7 @@ def run_sweep(*, resolutions: Sequence[int], store: str, storage_loc: str, name:
             print(packing.describe([(t.params.model, t.params.resolution) for t in trials], gb,
                                    gpu_table) + f"\n  (GPU memory: {source}; on a Ray without GPUs "
                   f"the trials run on CPUs)\n", file=out)
-        print(dry_run_report(trials, plan, st, base, shares), file=out, flush=True)
+        print(dry_run_report(trials, plan, st, base, shares, rates), file=out, flush=True)
         result.skipped_finished = plan.finished
         return result
 

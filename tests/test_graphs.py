@@ -42,7 +42,7 @@ def _fake_capture(monkeypatch):
 def test_want_graphs():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert G.want_graphs("auto", cuda, 160) and G.want_graphs("auto", cuda, G.AUTO_MAX_RESOLUTION)
-    assert not G.want_graphs("auto", cuda, 320)
+    assert not G.want_graphs("auto", cuda, 400)
     assert G.want_graphs("on", cuda, 480) and not G.want_graphs("off", cuda, 160)
     assert not G.want_graphs("on", cpu, 160)   # never on CPU: the CPU results stay bitwise exact
 

@@ -36,15 +36,22 @@ def test_unknown_model_gets_a_whole_gpu():
 def test_estimates_cover_the_protocol_models_and_scale_with_resolution():
     for model in ("resnet50", "resnet152", "densenet121", "densenet161", "efficientnet-b0",
                   "efficientnet-b5"):
-        lo, hi = packing.estimate(model, 160), packing.estimate(model, 480)
+        lo, hi = packing.estimate(model, 160, graphs=False), packing.estimate(model, 480, graphs=False)
         assert lo is not None and hi is not None, model
         assert lo.source == "estimate"
         assert CONTEXT < lo.memory_gb < hi.memory_gb, model           # activations grow with R^2
         assert 0 < lo.busy_share <= hi.busy_share <= 1, model          # bigger steps fill the GPU
-    # the issue's example: a small trial is packed on an 80 GB GPU, a large one is not
-    assert gpus_per_trial("efficientnet-b0", 160, 80) < 1
-    assert gpus_per_trial("resnet152", 480, 80) == 1.0
-    assert gpus_per_trial("densenet161", 480, 80) == 1.0
+        graphed = packing.estimate(model, 160, graphs=True)            # no per-kernel launches
+        assert graphed.source == "estimate, CUDA graphs" and graphed.busy_share >= lo.busy_share
+        assert packing.estimate(model, 160) == graphed                 # the trainer's default
+        assert packing.estimate(model, 480) == hi                      # eager above 320 px
+    # the issue's example: an eager small trial is packed on an 80 GB GPU, a large one is not
+    eager = packing.estimate_table(cuda_graphs="off")
+    assert gpus_per_trial("efficientnet-b0", 160, 80, eager) < 1
+    assert gpus_per_trial("resnet152", 480, 80, eager) == 1.0
+    assert gpus_per_trial("densenet161", 480, 80, eager) == 1.0
+    # with CUDA graphs (the default at <= 320 px) the same small trial keeps a GPU busy alone
+    assert gpus_per_trial("efficientnet-b0", 160, 80) == 1.0
 
 
 CONTEXT = packing.CUDA_CONTEXT_GB
@@ -55,7 +62,7 @@ def _report(tmp_path, device_type="cuda", probe_gain=None):
         "device_type": device_type, "started": "2026-11-26T02:00:00+00:00",
         "env": {"device_name": "NVIDIA H100 80GB HBM3"},
         "configs": {"results": [
-            {"model": "efficientnet-b0", "resolution": 160,
+            {"model": "efficientnet-b0", "resolution": 160, "cuda_graphs": True,
              "synthetic": {"images_per_s": 3000.0, "busy_share": 0.8,
                            "peak_memory_reserved_bytes": 3_000_000_000}},
             {"model": "resnet50", "resolution": 480,
@@ -64,7 +71,8 @@ def _report(tmp_path, device_type="cuda", probe_gain=None):
             {"model": "densenet121", "resolution": 480, "synthetic": {"error": "OOM"}},
             {"model": "resnet152", "resolution": 320, "synthetic": "skipped: budget"},
         ]},
-        "packing_probe": {"model": "efficientnet-b0", "resolution": 160, "packing_gain": probe_gain}
+        "packing_probe": {"model": "efficientnet-b0", "resolution": 160, "cuda_graphs": True,
+                          "packing_gain": probe_gain}
         if probe_gain else "skipped: budget",
     }
     path = tmp_path / "gpu_check.json"
@@ -135,16 +143,55 @@ def test_gpu_memory_from_ray_nodes_and_several_measurement_files(tmp_path):
     assert packing.load_table(first)[("efficientnet-b0", 160)].busy_share == pytest.approx(0.8)
 
 
-def test_the_measured_h200_files_pack_small_trials_only():
+def test_the_measured_h200_files_pack_small_eager_trials_only():
     import os
     root = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
     files = [os.path.join(root, f"gpu_check-h200-2026-11-26-{x}.json") for x in "ab"]
     if not all(os.path.exists(f) for f in files):
         pytest.skip("bench/results/gpu_check-h200-*.json not present")
-    table = packing.load_table(files)
+    # These files predate CUDA graphs: every row is eager, which is what cuda_graphs='off' runs.
+    assert all(k[1] > 320 for k in packing.load_table(files) if
+               packing.load_table(files)[k].source.startswith("measured"))
+    table = packing.load_table(files, cuda_graphs="off")
     measured = {k: v for k, v in table.items() if v.source.startswith("measured")}
     assert {k for k in measured if k[1] == 160} >= {("resnet50", 160), ("densenet121", 160),
                                                     ("efficientnet-b0", 160)}
     for (model, res), fp in measured.items():
         share = gpus_per_trial(model, res, 80, table)
         assert (share < 1) == (res == 160), (model, res, fp, share)
+
+
+def test_the_measured_h100_file_uses_the_rows_of_the_trials_graph_mode():
+    """bench/results/gpu_check-h100-2026-11-26-full.json measured each 160 px config eager and
+    with CUDA graphs; the table takes the mode the trials run in."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
+                        "gpu_check-h100-2026-11-26-full.json")
+    if not os.path.exists(path):
+        pytest.skip("bench/results/gpu_check-h100-2026-11-26-full.json not present")
+    graphed = packing.load_measurements(path)              # cuda_graphs='auto'
+    eager = packing.load_measurements(path, cuda_graphs="off")
+    for key in (("resnet50", 160), ("efficientnet-b0", 160), ("densenet121", 160)):
+        assert "CUDA graphs" in graphed[key].source and "CUDA graphs" not in eager[key].source
+        assert graphed[key].busy_share > eager[key].busy_share, key
+    # the 240-image batch experiment is never taken for a trial's footprint
+    assert graphed[("resnet50", 160)].memory_gb < 5
+    # the packing probe ran EfficientNet-B0 at 160 px with graphs: two copies gained ~5%
+    assert graphed[("efficientnet-b0", 160)].source.endswith("probe")
+    assert graphed[("efficientnet-b0", 160)].busy_share > 0.9
+    table = packing.load_table(path)
+    assert gpus_per_trial("efficientnet-b0", 160, 80, table) == 1.0
+    assert gpus_per_trial("resnet50", 480, 80, table) == 1.0
+
+
+def test_measured_rates_replace_the_table_in_the_gpu_hours_estimate(tmp_path):
+    from orchestrator import estimate as est
+    rates = packing.measured_rates(_report(tmp_path))
+    assert rates[("efficientnet-b0", 160)][0] == 3000.0 and ("resnet50", 480) in rates
+    trials = [("efficientnet-b0", 160), ("densenet121", 320)]
+    e = est.estimate(trials, epochs=2, train_images=3000, valid_images=0,
+                     measured={k: v[0] for k, v in rates.items()})
+    assert e.per_group[("efficientnet-b0", 160)]["source"] == "measured"
+    assert e.per_group[("efficientnet-b0", 160)]["gpu_hours"] == pytest.approx(2 * 3000 / 3000 / 3600)
+    assert e.per_group[("densenet121", 320)]["source"] == "table"
+    assert e.per_group[("densenet121", 320)]["images_per_s"] == est.images_per_s("densenet121", 320)

@@ -198,12 +198,20 @@ def test_dry_run_shows_the_packing_plan(capsys, store, tmp_path):
     assert "GPU share" in out and "1/4" in out.split("GPU share", 1)[1]
     # a measured table overrides the estimate: this config fills the GPU, so it gets one whole
     report = {"device_type": "cuda", "started": "2026-11-26", "env": {"device_name": "fake"},
-              "configs": {"results": [{"model": "resnet18", "resolution": 24, "synthetic": {
-                  "images_per_s": 1.0, "busy_share": 0.99, "peak_memory_reserved_bytes": 10**9}}]}}
+              "configs": {"results": [{"model": "resnet18", "resolution": 24, "cuda_graphs": True,
+                                       "synthetic": {"images_per_s": 1.0, "busy_share": 0.99,
+                                                     "peak_memory_reserved_bytes": 10**9}}]}}
     (tmp_path / "m.json").write_text(json.dumps(report))
     code, err, out = cli(capsys, *args, "--gpu-measurements", str(tmp_path / "m.json"))
     assert code == 0, err
     assert "r24 resnet18: 1 GPU" in out and "measured: fake" in out and "r16 resnet18: 1/4 GPU" in out
+    # ... and its measured rate replaces the throughput table in the GPU-hours estimate
+    assert "1 of 2 groups at their measured img/s" in out
+    # with --cuda-graphs off the trials run eagerly: the graphed measurement no longer applies
+    code, err, out = cli(capsys, *args, "--gpu-measurements", str(tmp_path / "m.json"),
+                         "--cuda-graphs", "off")
+    assert code == 0, err
+    assert "measured: fake" not in out and "from the throughput table" in out
     # explicit 1: no packing plan, every trial one GPU
     code, err, out = cli(capsys, *base_args(store, tmp_path, "--dry-run", "--gpus-per-trial", "1"))
     assert code == 0, err

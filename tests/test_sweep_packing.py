@@ -38,7 +38,8 @@ def _measurements(tmp_path) -> str:
     """A gpu_check JSON saying resnet18 at 24 px keeps the GPU 99% busy (never packed)."""
     report = {"device_type": "cuda", "started": "2026-11-26T00:00:00+00:00",
               "env": {"device_name": "fake GPU"},
-              "configs": {"results": [{"model": "resnet18", "resolution": 24, "synthetic": {
+              "configs": {"results": [{"model": "resnet18", "resolution": 24, "cuda_graphs": True,
+                                       "synthetic": {
                   "images_per_s": 100.0, "busy_share": 0.99,
                   "peak_memory_reserved_bytes": 2_000_000_000}}]}}
     path = tmp_path / "gpu_check.json"

@@ -71,7 +71,7 @@ class TrainConfig:
     amp: str = "auto"                    # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'off'
     channels_last: str = "auto"          # 'auto' (on for CUDA), 'on', 'off'
     workers: int = -1                    # loader worker processes; -1 = auto, 0 = in-process
-    cuda_graphs: str = "auto"            # replay forward+backward as CUDA graphs: 'auto' (CUDA at <= 240 px), 'on', 'off'
+    cuda_graphs: str = "auto"            # replay forward+backward as CUDA graphs: 'auto' (CUDA at <= 320 px), 'on', 'off'
     cache_dir: str = ""                  # node-local store cache dir (preprocessing/cache.py); "" = read the store directly
 
     # --- validation ---------------------------------------------------------------------------

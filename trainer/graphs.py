@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import torch
 
-#: 'auto' turns graphs on at or below this resolution on CUDA. The H200 check measured a GPU that
-#: was mostly idle at 160 px and saturated at 480 px.
-AUTO_MAX_RESOLUTION = 240
+#: 'auto' turns graphs on at or below this resolution on CUDA. Measured on an H100 (docs/benchmarks.md,
+#: 2026-11-26): graphs gave 1.7-2.5x at 160 px, 1.2-2.0x at 240 px, 1.01-1.4x at 320 px (ResNet50,
+#: DenseNet121, EfficientNet-B0), and at most 1.01x at 480 px, where they only cost memory.
+AUTO_MAX_RESOLUTION = 320
 #: Default cap on graphs per training stage. Each graph keeps its own fp32 parameter gradients
 #: (ResNet50: ~100 MB), so 24 graphs cost ~2.4 GB. 40 CheXpert studies (1.19 images each on average,
 #: sd ~0.4) make 48 +- 3 images, so 24 shapes cover nearly every batch; the rest run eagerly.
@@ -96,6 +97,13 @@ class GraphedTraining:
         self.graphed_steps = 0
         # Which parameters train: a graph's backward is captured for this set.
         self._trainable = tuple(p.requires_grad for p in model.parameters())
+        # The capture's warm-up passes run on a side stream and leave the parameters' gradient
+        # accumulators tied to it, so every replayed backward triggers torch's "AccumulateGrad
+        # node's stream does not match" warning. The extra stream wait it warns about costs nothing
+        # measurable: the H100 stayed 92-93% busy at 160 px with graphs.
+        quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+        if quiet is not None:
+            quiet(False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.model.training:   # graphs hold training-mode kernels (BatchNorm batch stats)
