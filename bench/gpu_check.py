@@ -11,9 +11,13 @@ runs this file with an 8-minute limit). What it measures, for each (model, resol
   peak GPU memory of the trial (``torch.cuda.max_memory_allocated`` / ``_reserved``) and the GPU's
   busy share (NVML ``utilization.gpu`` sampled every 100 ms during the timed loop).
 * ``loader``: the same step fed by the trainer's real loader (``trainer.data.StudyBatches`` over a
-  small phantom store built on the fly, ``DataLoader`` workers = min(8, cores), pinned memory),
+  small phantom store built on the fly, ``DataLoader`` workers = min(8, cores) - 1, pinned memory),
   timed end to end (read, decode, keyed augmentation parameters, host-to-device copy, augmentation
   on the device, step); plus the loader alone (no step), so a loader bottleneck shows as the gap.
+* ``graphs_check``: ResNet50 at 160 px trained three times from one seed over the same batches (two
+  batch shapes): eager, eager again, and with CUDA graphs (trainer/graphs.py). Losses, weights and
+  BatchNorm statistics are compared. A ``:graphs`` config measures the graphed step's speed,
+  and ``:b240`` measures a 240-image batch (``--configs``).
 * ``mini_sweep``: ``python -m orchestrator.sweep`` on a local Ray with two tiny trials sharing the
   GPU (``--gpus-per-trial 0.5``); records each trial's CUDA_VISIBLE_DEVICES and torch's device.
 * ``packing_probe``: two processes running the same small step at once on one GPU: their summed
@@ -859,7 +863,8 @@ def section_packing_probe(args, device: torch.device, single_rate: float | None,
     cmd = [sys.executable, os.path.abspath(__file__), "--probe-child", f"{name}@{res}",
            *(["--tiny"] if args.tiny else []), "--min-steps", str(args.min_steps),
            "--device", device.type, "--start-at", str(start_at), "--seconds", str(args.seconds),
-           "--warmup-steps", str(args.warmup_steps)]
+           "--warmup-steps", str(args.warmup_steps),
+           "--cudnn-benchmark" if args.cudnn_benchmark else "--no-cudnn-benchmark"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               cwd=REPO) for _ in range(n)]
@@ -899,7 +904,7 @@ def probe_child(args) -> int:
     res = int(res)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from trainer.graphs import want_graphs
     trial = Trial(name, res, device, amp=cuda, channels_last=cuda,
                   graphs=want_graphs("auto", device, res))   # as a sweep trial runs it
@@ -930,7 +935,7 @@ def profile_step(args) -> int:
     res = int(res)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     BATCH.update(studies=max(1, args.profile_images * 2 // 3), images=args.profile_images)
     trial = Trial(name, res, device, amp=cuda and not args.no_amp,
                   channels_last=cuda and not args.no_channels_last)
@@ -962,7 +967,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python bench/gpu_check.py", description=__doc__.split("\n")[0],
         epilog="examples:\n  python bench/gpu_check.py --tiny --device cpu --out /tmp/gpu_check.json\n"
-               "  bash bench/gpu_check.sh          # on a GPU machine (8-minute limit, JSON to $OUT)\n",
+               "  bash bench/gpu_check.sh          # on a GPU machine (8-minute limit, JSON to $OUT)\n"
+               "  taskset -c 0-7 bash bench/gpu_check.sh   # what one GPU of an 8-cores-per-GPU node has\n"
+               "  bash bench/gpu_check.sh --sections env,configs \\\n"
+               "      --configs resnet50@160,resnet50@160:graphs,resnet50@160:b240   # eager, graphs, batch 240\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     p.add_argument("--tiny", action="store_true", help="toy sizes for CI: resnet18 at 32/48 px, few steps")
@@ -976,10 +984,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="timed window per measurement")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--min-steps", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default min(8, cores))")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers (default min(8, cores) - 1: the training process takes a core)")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default bf16 autocast)")
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--no-cudnn-benchmark", action="store_true")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
+                   help="cuDNN autotuning (default off, as in trainer.train.run_trial: a batch's image "
+                        "count varies, and each new shape would be re-tuned)")
     p.add_argument("--store-studies", type=int, default=None, help="studies in the phantom store")
     p.add_argument("--sweep-gpus-per-trial", type=float, default=0.5)
     p.add_argument("--sweep-timeout-s", type=float, default=None)
@@ -1049,8 +1060,8 @@ def main(argv=None, report: dict | None = None, out_path: str | None = None) -> 
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    workers = args.workers if args.workers is not None else min(8, cpu_count())
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    workers = args.workers if args.workers is not None else max(1, min(8, cpu_count()) - 1)
     if args.tiny:
         workers = args.workers if args.workers is not None else min(2, cpu_count())
     report.update({
@@ -1060,7 +1071,7 @@ def main(argv=None, report: dict | None = None, out_path: str | None = None) -> 
         "settings": {"batch_studies": BATCH["studies"], "images_per_batch": BATCH["images"],
                      "amp": "bf16" if device.type == "cuda" and not args.no_amp else "off",
                      "channels_last": device.type == "cuda" and not args.no_channels_last,
-                     "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
+                     "cudnn_benchmark": device.type == "cuda" and args.cudnn_benchmark,
                      "stage": "unfrozen (stage 2: body and head train)",
                      "seconds_per_measurement": args.seconds, "warmup_steps": args.warmup_steps,
                      "loader_workers": workers, "budget_s": args.budget_s, "target_share": TARGET_SHARE},

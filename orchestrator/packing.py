@@ -230,6 +230,17 @@ def load_table(measurements: str | Iterable[str] | None = None,
     return table
 
 
+def measured_rates(measurements: str | Iterable[str] | None,
+                   cuda_graphs: str = "auto") -> dict[tuple[str, int], tuple[float, str]]:
+    """(model, resolution) -> (measured images/s, where) from gpu_check JSONs, in the trials' graph
+    mode; later files win. The sweep's dry run costs these groups with them instead of the table."""
+    out: dict[tuple[str, int], tuple[float, str]] = {}
+    for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
+        for key, fp in load_measurements(path, cuda_graphs).items():
+            if fp.images_per_s:
+                out[key] = (fp.images_per_s, fp.source)
+    return out
+
 def footprint(model: str, resolution: int, table: Table | None = None) -> Footprint | None:
     """The table's entry, else the estimate at this resolution, else None (unknown model)."""
     if table is not None and (model, int(resolution)) in table:
@@ -385,12 +396,16 @@ def main(argv=None) -> int:
         prog="python -m orchestrator.packing", description=__doc__.split("\n")[0],
         epilog="examples:\n  python -m orchestrator.packing --gpu-memory-gb 80\n"
                "  python -m orchestrator.packing --measurements gpu_check.json --models efficientnet-b0,resnet50\n"
+               "  python -m orchestrator.packing --cuda-graphs off   # the plan for eager trials\n"
                "  python -m orchestrator.packing --profile-cpu resnet50,efficientnet-b0   # recompute CPU_PROFILE rows\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measurements", default=None, help="a bench/gpu_check.py JSON to override the estimates")
     parser.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory (default: this GPU, else 80)")
     parser.add_argument("--models", default=None, help="comma-separated (default: every profiled model)")
     parser.add_argument("--resolutions", default="160,240,320,400,480")
+    parser.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                        help="the trials' TrainConfig.cuda_graphs (graphed trials fill the GPU "
+                             "far better at small sizes; default auto: on at <= 320 px)")
     parser.add_argument("--profile-cpu", default=None, metavar="MODELS",
                         help="measure the CPU profile of these models and print CPU_PROFILE rows")
     args = parser.parse_args(argv)
@@ -409,7 +424,7 @@ def main(argv=None) -> int:
         print(f"error: --measurements {args.measurements}: no such file", file=sys.stderr)
         return 2
     gpu_gb = args.gpu_memory_gb or detect_gpu_memory_gb() or 80.0
-    table = load_table(args.measurements)
+    table = load_table(args.measurements, args.cuda_graphs)
     models = [m.strip() for m in args.models.split(",")] if args.models else sorted(CPU_PROFILE)
     print(describe([(m, r) for m in models for r in resolutions], gpu_gb, table))
     return 0
@@ -418,14 +433,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def measured_rates(measurements: str | Iterable[str] | None,
-                   cuda_graphs: str = "auto") -> dict[tuple[str, int], tuple[float, str]]:
-    """(model, resolution) -> (measured images/s, where) from gpu_check JSONs, in the trials' graph
-    mode; later files win. The sweep's dry run costs these groups with them instead of the table."""
-    out: dict[tuple[str, int], tuple[float, str]] = {}
-    for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
-        for key, fp in load_measurements(path, cuda_graphs).items():
-            if fp.images_per_s:
-                out[key] = (fp.images_per_s, fp.source)
-    return out

@@ -90,3 +90,26 @@ def test_tiny_cpu_mini_sweep_pins_the_fake_gpu(tmp_path):
     for trial in sweep["trials"]:
         assert trial["cuda_visible_devices"] == "0", trial     # Ray pinned it to the (fake) GPU 0
         assert trial["device"].startswith("cpu")                # and torch, finding no CUDA, used CPU
+
+
+def test_config_syntax_and_default_list():
+    """``--configs MODEL@RES[:graphs][:bIMAGES]``; the default list measures each small config both
+    eager and with CUDA graphs, and the issue's required configs come first."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check_mod", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # dataclasses look their module up while it loads
+    spec.loader.exec_module(mod)
+    c = mod._parse_configs("resnet50@160, resnet50@160:graphs,resnet50@160:graphs:b240")
+    assert [x.label for x in c] == ["resnet50@160", "resnet50@160:graphs", "resnet50@160:graphs:b240"]
+    assert c[0].loader and not c[0].graphs and c[0].images is None
+    assert c[2].graphs and c[2].images == 240 and not c[2].loader    # a batch experiment: synthetic only
+    for bad in ("resnet50", "resnet50@x", "resnet50@160:fast", "resnet50@160:b0"):
+        with pytest.raises(SystemExit):
+            mod._parse_configs(bad)
+    labels = [x.label for x in mod.FULL_CONFIGS]
+    for required in ("resnet50@160", "resnet50@480", "densenet121@160", "densenet121@480",
+                     "efficientnet-b0@160", "efficientnet-b5@480"):
+        assert required in labels
+    for small in ("resnet50@160", "densenet121@160", "efficientnet-b0@160"):
+        assert small + ":graphs" in labels

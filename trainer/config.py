@@ -195,8 +195,9 @@ class TrainConfig:
 
         Excluded: where the store lives (its content is covered by the manifest hash), the weight
         cache location (its content is covered by ``weights``), loader workers (results do not
-        depend on them), CUDA graphs (the same kernels, replayed) and the node-local cache folder. Device, amp and channels_last stay in: a
-        bf16 GPU run is not the same experiment as an fp32 CPU run.
+        depend on them), CUDA graphs (the same kernels, replayed) and the node-local cache folder.
+        Device, amp and channels_last stay in: a bf16 GPU run is not the same experiment as an
+        fp32 CPU run.
         """
         excluded = {"store", "weights_dir", "workers", "cache_dir", "cuda_graphs"}
         return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in excluded)
