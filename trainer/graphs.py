@@ -20,6 +20,9 @@ put them back after capture; the model then trains as if the capture never happe
 """
 from __future__ import annotations
 
+import inspect
+import time
+
 import torch
 
 #: 'auto' turns graphs on at or below this resolution on CUDA. Measured on an H100 (docs/benchmarks.md,
@@ -42,7 +45,6 @@ def want_graphs(setting: str, device: torch.device, resolution: int) -> bool:
 def _supported(fn, **kwargs) -> dict:
     """The keyword arguments ``fn`` accepts. Older torch releases lack ``pool`` (each graph then
     gets its own pool: more memory, same results) and ``capture_error_mode``."""
-    import inspect
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -123,7 +125,6 @@ class GraphedTraining:
         return graphed(x)
 
     def _capture(self, x: torch.Tensor) -> torch.nn.Module:
-        import time
         t0 = time.perf_counter()
         buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]
