@@ -5,7 +5,7 @@ its own. The loop reads top to bottom in phases:
 
   1. store and identity   open + verify the store, trial id, refuse a folder of another config
   2. data                 study-level batches of one resolution (trainer/data.py)
-  3. model                create_model + device, bf16 autocast / channels_last on CUDA
+  3. model                create_model + device, bf16 autocast / channels_last / CUDA graphs on CUDA
   4. resume               continue after the last finished epoch of checkpoints/latest.pt
   5. epochs               stage 1 (body frozen) then stage 2 (unfrozen), each a one-cycle schedule;
                           train -> validate -> records -> checkpoints after every epoch
