@@ -896,15 +896,21 @@ def section_packing_probe(args, device: torch.device, single_rate: float | None,
     return out
 
 
-def probe_child(args) -> int:
-    """One packing-probe process: build, warm up, wait for the shared start, step for --seconds."""
+def setup_device(args) -> torch.device:
+    """--device resolved (auto: cuda if available), with cuDNN autotuning as --cudnn-benchmark says."""
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return device
+
+
+def probe_child(args) -> int:
+    """One packing-probe process: build, warm up, wait for the shared start, step for --seconds."""
+    device = setup_device(args)
     name, res = args.probe_child.split("@")
     res = int(res)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from trainer.graphs import want_graphs
     trial = Trial(name, res, device, amp=cuda, channels_last=cuda,
                   graphs=want_graphs("auto", device, res))   # as a sweep trial runs it
@@ -929,13 +935,10 @@ def probe_child(args) -> int:
 def profile_step(args) -> int:
     """torch.profiler over training steps of one (model, resolution): the top costs, as a table."""
     from torch.profiler import ProfilerActivity, profile
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = setup_device(args)
     name, res = args.profile_step.split("@")
     res = int(res)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     BATCH.update(studies=max(1, args.profile_images * 2 // 3), images=args.profile_images)
     trial = Trial(name, res, device, amp=cuda and not args.no_amp,
                   channels_last=cuda and not args.no_channels_last)
@@ -1057,10 +1060,7 @@ def main(argv=None, report: dict | None = None, out_path: str | None = None) -> 
     report = {} if report is None else report
     budget = Budget(args.budget_s)
     want = {s.strip() for s in args.sections.split(",") if s.strip()}
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    device = setup_device(args)
     workers = args.workers if args.workers is not None else max(1, min(8, cpu_count()) - 1)
     if args.tiny:
         workers = args.workers if args.workers is not None else min(2, cpu_count())
