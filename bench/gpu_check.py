@@ -482,7 +482,7 @@ class MultiEpochSampler(torch.utils.data.Sampler):
 
 
 def make_store_loader(store_loc: str, resolution: int, workers: int, pin: bool, epochs: int = 10_000):
-    from preprocessing.schema import TASKS
+    from common.schema import TASKS
     from preprocessing.store import open_store
     from trainer.augment import AugmentSettings
     from trainer.data import StudyBatches, load_split

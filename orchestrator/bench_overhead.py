@@ -23,8 +23,8 @@ import sys
 import tempfile
 import time
 
-from preprocessing import storage
-from preprocessing.cli import HelpFormatter, run_cli
+from common import storage
+from common.cli import HelpFormatter, run_cli
 
 EPILOG = """examples:
   python -m orchestrator.bench_overhead --trials 8 --epochs 2 --epoch-seconds 15 --slots 2

@@ -12,9 +12,9 @@ import os
 import sys
 import time
 
-from preprocessing import storage
-from preprocessing.cli import HelpFormatter, UserError, parse_int_list, run_cli
-from preprocessing.schema import MANIFEST_NAME
+from common import storage
+from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
+from common.schema import MANIFEST_NAME
 
 EPILOG = """examples:
   python -m orchestrator.demo                      # the README's demo (about 10 minutes on 2 cores)

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from preprocessing.cli import UserError
-from preprocessing.schema import TASKS
+from common.cli import UserError
+from common.schema import TASKS
 from trainer.config import TrainConfig
 from trainer.models import resolve_model_name
 

@@ -2,7 +2,7 @@
 
 Ray Tune's experiment state lags storage by seconds and its restore has known bugs
 (../shared/RAY_NOTES.md), so the sweep decides what to run from this ledger and the trial folders,
-never from Tune. Each file is written whole through ``preprocessing.storage`` (atomic on a local or
+never from Tune. Each file is written whole through ``common.storage`` (atomic on a local or
 shared filesystem, one PUT on S3) and has one writer at a time: the driver before the trial starts,
 then the trial's own worker.
 
@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from preprocessing import storage
+from common import storage
 
 STATES = ("pending", "running", "finished", "failed")
 LEDGER_DIR = "ledger"

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from preprocessing.cli import UserError
+from common.cli import UserError
 
 #: How long to wait for a cluster address to accept a TCP connection.
 CONNECT_TIMEOUT_S = 5.0

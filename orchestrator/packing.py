@@ -279,7 +279,7 @@ def parse_gpus_per_trial(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        from preprocessing.cli import UserError
+        from common.cli import UserError
         raise UserError(f"--gpus-per-trial: {text!r} is not a number or 'auto'") from None
 
 

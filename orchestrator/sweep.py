@@ -20,9 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any, Sequence
 
-from preprocessing import storage
-from preprocessing.cli import HelpFormatter, UserError, parse_int_list, run_cli
-from preprocessing.schema import DEFAULT_RESOLUTIONS, TASKS
+from common import storage
+from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
+from common.schema import DEFAULT_RESOLUTIONS, TASKS
 from orchestrator import grid as grid_mod
 from orchestrator import ledger, packing
 from orchestrator.grid import DEFAULT_MODELS, DEFAULT_SEEDS, TrialParams
@@ -217,13 +217,13 @@ def results_table(entries: dict[str, dict], trial_ids: list[str]) -> str:
 
 
 def run_aggregator(sweep_loc: str, out_dir: str, out: IO[str], fallback_table: str) -> None:
-    """Build the report with orchestrator.aggregate and print its table (ours if it is absent)."""
+    """Build the report with analysis.aggregate and print its table (ours if it is absent)."""
     try:
-        from orchestrator import aggregate as agg
+        from analysis import aggregate as agg
         fn = agg.aggregate
     except (ImportError, AttributeError):
         print(fallback_table, file=out)
-        print("aggregator (orchestrator.aggregate) is not available: no report written", file=out)
+        print("aggregator (analysis.aggregate) is not available: no report written", file=out)
         return
     try:
         summary = fn(sweep_loc, out_dir)

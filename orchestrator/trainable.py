@@ -13,7 +13,7 @@ import os
 import traceback
 from typing import Any, Callable
 
-from preprocessing import storage
+from common import storage
 from orchestrator import ledger
 
 TrialFn = Callable[..., dict]

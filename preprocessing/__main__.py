@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from preprocessing.cli import HelpFormatter, run_cli
+from common.cli import HelpFormatter, run_cli
 
 SUBCOMMANDS = {
     "stats": "preprocessing.stats",

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from preprocessing import build
-from preprocessing.cli import UserError, parse_int_list
+from common.cli import UserError, parse_int_list
 from preprocessing.encoding import ENCODINGS, decode_image, encode_image
 from preprocessing.resize import LANCZOS, psnr
-from preprocessing.schema import DEFAULT_RESOLUTIONS, TASKS
+from common.schema import DEFAULT_RESOLUTIONS, TASKS
 
 HELP = "Benchmark the store builder against per-resolution resizing, and the store's size and read speed."
 EPILOG = """examples:

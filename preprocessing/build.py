@@ -28,12 +28,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import preprocessing
-from preprocessing import storage
-from preprocessing.cli import UserError, parse_int_list
+from common import storage
+from common.cli import UserError, parse_int_list
 from preprocessing.encoding import DEFAULT_ENCODING, ENCODINGS, PARQUET_COMPRESSION, encode_image
 from preprocessing.manifest import FORMAT_VERSION, manifest_hash, sha256_bytes
 from preprocessing.resize import DEFAULT_DRAFT_FACTOR, ImageRejected, resize_image
-from preprocessing.schema import (DEFAULT_RESOLUTIONS, MANIFEST_NAME, REJECTS_NAME, SPLITS, TASKS,
+from common.schema import (DEFAULT_RESOLUTIONS, MANIFEST_NAME, REJECTS_NAME, SPLITS, TASKS,
                                   label_column, raw_column, shard_dir)
 
 HELP = "Build the Parquet store: every resolution from one decode per image, as Ray tasks."

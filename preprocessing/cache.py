@@ -30,9 +30,9 @@ import shutil
 import uuid
 from contextlib import contextmanager
 
-from preprocessing import storage
+from common import storage
 from preprocessing.manifest import manifest_hash, read_manifest
-from preprocessing.schema import MANIFEST_NAME, REJECTS_NAME
+from common.schema import MANIFEST_NAME, REJECTS_NAME
 from preprocessing.store import StoreError
 
 __all__ = ["local_store", "cache_folder", "CacheError"]

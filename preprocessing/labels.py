@@ -35,9 +35,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
-from preprocessing import storage
-from preprocessing.cli import UserError
-from preprocessing.schema import DEFAULT_POLICY, META_COLUMNS, POLICIES, TASKS, label_column, raw_column, task_key
+from common import storage
+from common.cli import UserError
+from common.schema import DEFAULT_POLICY, META_COLUMNS, POLICIES, TASKS, label_column, raw_column, task_key
 
 
 class LabelError(UserError):

@@ -14,8 +14,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import storage
-from preprocessing.schema import MANIFEST_NAME, REJECTS_NAME
+from common import storage
+from common.schema import MANIFEST_NAME, REJECTS_NAME
 
 FORMAT_VERSION = 1
 #: Keys every manifest has (docs/architecture.md).

@@ -41,9 +41,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from preprocessing import __version__, storage
-from preprocessing.cli import UserError
-from preprocessing.schema import META_COLUMNS, OBSERVATIONS, TASKS
+from common import storage
+from preprocessing import __version__
+from common.cli import UserError
+from common.schema import META_COLUMNS, OBSERVATIONS, TASKS
 
 HELP = "Write a synthetic CheXpert-layout dataset (CSVs + grayscale JPEGs) whose labels live in the pixels"
 EPILOG = """examples:

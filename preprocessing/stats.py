@@ -14,9 +14,9 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from preprocessing import storage
+from common import storage
 from preprocessing.labels import LabelSet, parse_policy, read_labels
-from preprocessing.schema import TASKS, label_column, raw_column, task_key
+from common.schema import TASKS, label_column, raw_column, task_key
 
 HELP = "Class distribution of CheXpert-format CSVs per split and task, after the uncertainty policy"
 EPILOG = """examples:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import storage
-from preprocessing.cli import UserError
+from common import storage
+from common.cli import UserError
 from preprocessing.encoding import decode_image  # noqa: F401  (part of this module's API)
 from preprocessing.manifest import manifest_hash, read_manifest, verify_store
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from preprocessing import storage
-from preprocessing.cli import EXIT_FAILURE
+from common import storage
+from common.cli import EXIT_FAILURE
 from preprocessing.manifest import manifest_hash, read_manifest, verify_store
 
 HELP = "Check a store: every shard's existence, size, sha256 and row count against manifest.json."

@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from orchestrator import aggregate as agg
+from analysis import aggregate as agg
 from orchestrator import ledger
 from orchestrator.grid import build_grid
 from orchestrator.sweep import plan_trials, write_sweep_file
-from preprocessing import storage
-from preprocessing.schema import TASKS, task_key
+from common import storage
+from common.schema import TASKS, task_key
 from trainer.config import TrainConfig
 from trainer.train import predictions_table
 
@@ -312,10 +312,10 @@ def test_cli_writes_the_report_and_rejects_a_bad_location(tmp_path, capsys):
     assert os.path.exists(tmp_path / "results" / "clisweep" / "report.html")
     printed = capsys.readouterr().out
     assert "Atelectasis" in printed and "2 finished" in printed
-    from preprocessing.cli import run_cli
-    assert run_cli(agg.main, ["--sweep", str(tmp_path / "nope")], prog="orchestrator.aggregate") == 2
+    from common.cli import run_cli
+    assert run_cli(agg.main, ["--sweep", str(tmp_path / "nope")], prog="analysis.aggregate") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("orchestrator.aggregate: error: sweep location") and "\n" not in err
+    assert err.startswith("analysis.aggregate: error: sweep location") and "\n" not in err
     assert run_cli(agg.main, ["--sweep", fake.location, "--bootstrap", "-1"], prog="x") == 2
 
 

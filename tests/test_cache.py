@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import build, cache, storage
+from common import storage
+from preprocessing import build, cache
 from preprocessing.cache import CacheError, local_store
-from preprocessing.schema import TASKS
+from common.schema import TASKS
 from preprocessing.store import StoreError, open_store
 
 HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *TASKS]

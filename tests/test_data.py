@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing.schema import label_column
+from common.schema import label_column
 from preprocessing.store import open_store
 from trainer.augment import AugmentSettings, identity_params
 from trainer.data import StudyBatches, load_split, make_loader

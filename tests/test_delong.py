@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from orchestrator import delong
+from analysis import delong
 
 
 def pairwise_auc_and_components(labels, *score_sets):

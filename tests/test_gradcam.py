@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from orchestrator import gradcam
-from preprocessing.cli import run_cli
+from analysis import gradcam
+from common.cli import run_cli
 from trainer.models import CXRNet, create_model
 try:  # tests/ as a plain folder (pytest's default rootdir import) or as a package
     from test_aggregate import fabricate_sweep
@@ -129,7 +129,7 @@ def test_cli_draws_best_checkpoints_per_task_and_resolution(tmp_path, capsys):
     out = tmp_path / "cam.png"
     code = run_cli(gradcam.main, ["--sweep", fake.location, "--images", a, b, "--boxes", str(boxes),
                                   "--tasks", "Atelectasis,Cardiomegaly", "--out", str(out),
-                                  "--device", "cpu", "--quiet"], prog="orchestrator.gradcam")
+                                  "--device", "cpu", "--quiet"], prog="analysis.gradcam")
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "2 image(s) x 2 resolution(s) x 2 task(s)" in printed and "Nodule: not a task" in printed
@@ -152,7 +152,7 @@ def test_cli_draws_best_checkpoints_per_task_and_resolution(tmp_path, capsys):
 def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys):
     fake = fabricate_sweep(tmp_path, resolutions=(64,), models=("resnet18",), seeds=(0,), epochs=1)
     assert run_cli(gradcam.main, ["--sweep", fake.location, "--images", str(tmp_path / "no.png")],
-                   prog="orchestrator.gradcam") == 2
+                   prog="analysis.gradcam") == 2
     err = capsys.readouterr().err.strip()
     assert "no.png does not exist" in err and "\n" not in err
     junk = tmp_path / "junk.png"

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocessing.cli import UserError
+from common.cli import UserError
 from preprocessing.labels import LabelError, LabelSet, Reject, parse_policy, read_labels
-from preprocessing.schema import DEFAULT_POLICY, META_COLUMNS, OBSERVATIONS, TASKS
+from common.schema import DEFAULT_POLICY, META_COLUMNS, OBSERVATIONS, TASKS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADER = [*META_COLUMNS, *OBSERVATIONS]

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import trainer.models as models
-from preprocessing.cli import UserError
+from common.cli import UserError
 from trainer.models import (CXRNet, UnknownModelError, create_model, feature_map_size, list_models,
                             register_model, resolve_model_name)
 

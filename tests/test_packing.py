@@ -117,7 +117,7 @@ def test_describe_and_cli(tmp_path, capsys):
 
 
 def test_sweep_helpers():
-    from preprocessing.cli import UserError
+    from common.cli import UserError
     assert packing.parse_gpus_per_trial("auto") == "auto"
     assert packing.parse_gpus_per_trial(" 0.5 ") == 0.5
     with pytest.raises(UserError, match="gpus-per-trial"):

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from preprocessing import phantom as ph
-from preprocessing.cli import UserError
+from common.cli import UserError
 from preprocessing.labels import read_labels
-from preprocessing.schema import META_COLUMNS, OBSERVATIONS, TASKS
+from common.schema import META_COLUMNS, OBSERVATIONS, TASKS
 
 SMALL = dict(min_size=600, max_size=660)  # smallest sizes that still hold the finest band
 

@@ -19,7 +19,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from orchestrator import aggregate as agg
+from analysis import aggregate as agg
 try:  # tests/ as a plain folder (pytest's default rootdir import) or as a package
     from test_aggregate import fabricate_sweep
 except ImportError:

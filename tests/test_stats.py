@@ -9,7 +9,7 @@ import pytest
 
 from preprocessing import phantom as ph
 from preprocessing.labels import read_labels
-from preprocessing.schema import META_COLUMNS, OBSERVATIONS
+from common.schema import META_COLUMNS, OBSERVATIONS
 from preprocessing.stats import BANNER, compute_stats, format_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import build, storage
-from preprocessing.cli import UserError, run_cli
+from common import storage
+from preprocessing import build
+from common.cli import UserError, run_cli
 from preprocessing.manifest import manifest_hash, verify_store
 from preprocessing.resize import reference_resize
-from preprocessing.schema import TASKS, label_column, raw_column
+from common.schema import TASKS, label_column, raw_column
 from preprocessing.store import StoreError, decode_image, open_store
 
 HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *TASKS]

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from preprocessing import storage
+from common import storage
 from orchestrator import ledger
 from orchestrator.local_ray import init_kwargs_embedded
 from orchestrator.sweep import run_sweep

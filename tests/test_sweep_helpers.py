@@ -15,8 +15,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from preprocessing import storage
-from preprocessing.schema import TASKS, task_key
+from common import storage
+from common.schema import TASKS, task_key
 
 HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *TASKS]
 

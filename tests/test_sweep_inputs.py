@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from preprocessing import storage
-from preprocessing.cli import UserError, run_cli
+from common import storage
+from common.cli import UserError, run_cli
 from orchestrator import grid, sweep
 from test_sweep_helpers import make_tiny_store
 

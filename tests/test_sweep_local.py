@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from preprocessing import storage
+from common import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
 from test_sweep_helpers import FakeTrial, local_ray, make_tiny_store, read_jsonl, stable_result

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from preprocessing import storage
+from common import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
 from test_sweep_helpers import FakeTrial, local_ray, make_tiny_store

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from preprocessing import storage
+from common import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
 from test_sweep_helpers import FakeTrial, by_value, make_tiny_store, ray_env, read_jsonl, refresh_ray_auth

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from preprocessing import storage
+from common import storage
 from orchestrator import ledger
 from orchestrator.sweep import run_sweep
 from test_sweep_helpers import RealTrialFailingOnce, local_ray, stable_result

@@ -16,7 +16,7 @@ import torch
 import torchvision.models as tvm
 from efficientnet_pytorch import EfficientNet
 
-from preprocessing.cli import UserError, run_cli
+from common.cli import UserError, run_cli
 from trainer import weights
 from trainer.models import create_model
 from trainer.weights import MissingWeightsError, WeightsError
@@ -84,7 +84,7 @@ def test_default_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_cache_is_a_storage_location(tmp_path):
-    # weights_dir goes through preprocessing.storage (the same call path serves s3://)
+    # weights_dir goes through common.storage (the same call path serves s3://)
     save_state(original_network("resnet18").state_dict(), tmp_path / "resnet18-imagenet.pth")
     model = create_model("resnet18", 32, 1, weights_dir=f"file://{tmp_path}")
     assert torch.equal(model.body.conv1.weight, original_network("resnet18").conv1.weight)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from preprocessing.cli import HelpFormatter, UserError, parse_int_list, run_cli
+from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
 
 EPILOG = """examples:
   # loader: make a small phantom (realistic 1000-3000 px JPEGs) and its store, compare at 160/320
@@ -56,7 +56,7 @@ def bench_ours(store_loc: str, resolution: int, limit_images: int, seed: int = 0
     from preprocessing.store import open_store
     from trainer.augment import AugmentSettings, to_model_input
     from trainer.data import StudyBatches, load_split
-    from preprocessing.schema import TASKS
+    from common.schema import TASKS
     t0 = time.perf_counter()
     store = open_store(store_loc, verify=False)
     data = load_split(store, resolution, "train", TASKS)
@@ -180,7 +180,7 @@ def bench_step(model_name: str, resolution: int, device: torch.device, steps: in
     from trainer.augment import AugmentSettings, sample_params
     from trainer.data import StudyBatches, load_split, make_loader
     from trainer.models import create_model
-    from preprocessing.schema import TASKS
+    from common.schema import TASKS
     torch.manual_seed(0)
     model = create_model(model_name, resolution, outputs=5, weights="none").to(
         device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

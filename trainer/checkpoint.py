@@ -1,4 +1,4 @@
-"""Trial checkpoints: written atomically through preprocessing.storage (local or s3://), loaded
+"""Trial checkpoints: written atomically through common.storage (local or s3://), loaded
 with ``torch.load(weights_only=True)`` so a checkpoint file can never run code.
 
 A trial keeps exactly two kinds of file (bounded disk per trial):
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from preprocessing import storage
+from common import storage
 
 LATEST = "latest.pt"
 

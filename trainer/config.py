@@ -17,8 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from preprocessing.cli import UserError
-from preprocessing.schema import TASKS, task_key
+from common.cli import UserError
+from common.schema import TASKS, task_key
 
 
 class ConfigError(UserError):
@@ -173,7 +173,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, location: str, base: "TrainConfig | None" = None) -> "TrainConfig":
         """A JSON or YAML config file (by extension; JSON is also valid YAML)."""
-        from preprocessing import storage
+        from common import storage
         try:
             text = storage.read_bytes(location).decode("utf-8")
         except FileNotFoundError:

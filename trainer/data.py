@@ -30,8 +30,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from preprocessing.cli import UserError
-from preprocessing.schema import label_column
+from common.cli import UserError
+from common.schema import label_column
 from trainer.augment import AugmentSettings, identity_params, sample_params
 
 
@@ -125,7 +125,7 @@ def load_split(store, resolution: int, split: str, tasks: tuple[str, ...], *,
 
 
 def store_display(store) -> str:
-    from preprocessing import storage
+    from common import storage
     return storage.display(getattr(store, "location", "?"))
 
 

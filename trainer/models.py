@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from efficientnet_pytorch import EfficientNet
 
-from preprocessing.cli import UserError
+from common.cli import UserError
 from trainer import weights as _weights
 from trainer.weights import MissingWeightsError, WeightsError  # noqa: F401  (re-exported)
 

@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from preprocessing import storage
-from preprocessing.cli import UserError, run_cli
-from preprocessing.schema import task_key
+from common import storage
+from common.cli import UserError, run_cli
+from common.schema import task_key
 from trainer import checkpoint as ckpt
 from trainer.augment import AugmentSettings, to_model_input
 from trainer.config import ConfigError, TrainConfig, field_help

@@ -8,7 +8,7 @@ Cache layout, one file per model::
     WEIGHTS_DIR/<model>-imagenet.pth.sha256   "<hex>  <file name>" (sha256sum format), checked on load
 
 ``WEIGHTS_DIR`` is ``--weights-dir`` / ``weights_dir=``, else ``$CXR_WEIGHTS_DIR``, else
-``~/.cache/cxr-sweep/weights``; any location preprocessing.storage reads (a path, a shared
+``~/.cache/cxr-sweep/weights``; any location common.storage reads (a path, a shared
 filesystem, ``s3://bucket/prefix``). ``python -m trainer.weights download`` fills it once on a
 machine with internet access. Sources: torchvision's ``IMAGENET1K_V1`` weights (those
 ``pretrained=True`` gave, which the thesis used) and efficientnet-pytorch's ``url_map``.
@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from preprocessing import storage
-from preprocessing.cli import EXIT_FAILURE, HelpFormatter, UserError, run_cli
+from common import storage
+from common.cli import EXIT_FAILURE, HelpFormatter, UserError, run_cli
 
 ENV_DIR = "CXR_WEIGHTS_DIR"
 DOWNLOAD_COMMAND = "python -m trainer.weights download"

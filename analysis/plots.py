@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from preprocessing.schema import TASKS
+from common.schema import TASKS
 
 FAMILY_COLORS = {"resnet": "#1f77b4", "densenet": "#d62728", "efficientnet": "#2ca02c"}
 

@@ -28,10 +28,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from orchestrator import delong
-from preprocessing import storage
-from preprocessing.cli import HelpFormatter, UserError, run_cli
-from preprocessing.schema import MANIFEST_NAME, TASK_KEYS, TASKS, task_key
+from analysis import delong
+from common import storage
+from common.cli import HelpFormatter, UserError, run_cli
+from common.schema import MANIFEST_NAME, TASK_KEYS, TASKS, task_key
 
 TASK_NAMES = dict(zip(TASK_KEYS, TASKS))
 #: Model-scaling pairs of the thesis: (family, larger, smaller).
@@ -788,14 +788,14 @@ def aggregate(sweep_location: str, out_dir: str | None = None, bootstrap: int = 
     skipped: list[str] = []
     figs: dict[str, bytes] = {}
     if figures:
-        from orchestrator import plots
+        from analysis import plots
         figs, skipped = plots.all_figures(data.trials, tables)
         for fname, png in figs.items():
             storage.write_bytes(storage.join(out_dir, "figures", fname), png)
             files.append(f"figures/{fname}")
     table = format_results_table(data.trials)
     if report:
-        from orchestrator import report as report_mod
+        from analysis import report as report_mod
         md, html_text = report_mod.build_report(data, tables, figs, skipped, bootstrap=bootstrap)
         storage.write_bytes(storage.join(out_dir, "report.md"), md.encode())
         storage.write_bytes(storage.join(out_dir, "report.html"), html_text.encode())
@@ -811,10 +811,10 @@ def aggregate(sweep_location: str, out_dir: str | None = None, bootstrap: int = 
 # --- command line ---------------------------------------------------------------------------------
 HELP = "aggregate a sweep into tables, statistics, figures and a report"
 EPILOG = """examples:
-  python -m orchestrator.aggregate --sweep sweeps/thesis
-  python -m orchestrator.aggregate --sweep "s3://bucket/sweeps/thesis?endpoint_override=minio:9000&scheme=http" \\
+  python -m analysis.aggregate --sweep sweeps/thesis
+  python -m analysis.aggregate --sweep "s3://bucket/sweeps/thesis?endpoint_override=minio:9000&scheme=http" \\
       --out results/thesis --bootstrap 2000
-  python -m orchestrator.aggregate --sweep sweeps/thesis --no-figures   # tables only
+  python -m analysis.aggregate --sweep sweeps/thesis --no-figures   # tables only
 
 writes trials.parquet/.csv, epochs.parquet/.csv, summary_*.csv/.md, tests_*.csv/.md,
 figures/*.png, report.md, report.html, problems.csv and summary.json (docs/results.md)."""
@@ -851,11 +851,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.aggregate", description=HELP,
+    parser = argparse.ArgumentParser(prog="python -m analysis.aggregate", description=HELP,
                                      epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="orchestrator.aggregate"))
+    sys.exit(run_cli(main, prog="analysis.aggregate"))

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import aggregate as agg
-from preprocessing import storage
+from analysis import aggregate as agg
+from common import storage
 
 ALPHA = agg.ALPHA
 
@@ -171,7 +171,7 @@ def build_markdown(data: agg.SweepData, tables: dict[str, pd.DataFrame], figure_
     t = _display_tables(tables)
     parts = [f"# Sweep report: {data.name}\n",
              f"_Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} by "
-             f"`python -m orchestrator.aggregate`._\n"]
+             f"`python -m analysis.aggregate`._\n"]
     banner = _phantom_banner(data)
     if banner:
         parts.append(f"> **⚠ {banner}**\n")
@@ -263,7 +263,7 @@ def build_html(data: agg.SweepData, tables: dict[str, pd.DataFrame], figures: di
     p: list[str] = []
     p.append(f"<h1>Sweep report: {_e(data.name)}</h1>")
     p.append(f"<p><em>Generated {_e(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'))}"
-             " by <code>python -m orchestrator.aggregate</code>.</em></p>")
+             " by <code>python -m analysis.aggregate</code>.</em></p>")
     banner = _phantom_banner(data)
     if banner:
         p.append(f"<div class='banner' id='phantom-banner'>⚠ {_e(banner)}</div>")

@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from preprocessing import storage
-from preprocessing.cli import HelpFormatter, UserError, run_cli
-from preprocessing.schema import TASK_KEYS, TASKS, task_key
+from common import storage
+from common.cli import HelpFormatter, UserError, run_cli
+from common.schema import TASK_KEYS, TASKS, task_key
 
 #: NIH ChestX-ray14 finding labels (BBox_List_2017.csv) that name one of our tasks differently.
 NIH_LABEL_TO_TASK = {"effusion": "pleural_effusion"}
@@ -193,7 +193,7 @@ def best_checkpoints(sweep_location: str, tasks: Sequence[str] | None = None,
                      resolutions: Sequence[int] | None = None) -> list[BestRun]:
     """Per task and resolution, the finished run with the highest best-epoch AUROC (the
     aggregator's table) and its ``checkpoints/best-<task>.pt``."""
-    from orchestrator import aggregate as agg
+    from analysis import aggregate as agg
     from orchestrator.ledger import trial_dir
     data = agg.load_sweep(sweep_location)
     t = data.trials[data.trials["best_auroc"].notna()] if not data.trials.empty else data.trials
@@ -338,8 +338,8 @@ def render(panels: list[Panel], boxes: list[Box] | None = None) -> bytes:
 # --- command line ---------------------------------------------------------------------------------
 HELP = "Grad-CAM heatmaps of a sweep's best checkpoint per task and resolution"
 EPILOG = """examples:
-  python -m orchestrator.gradcam --sweep sweeps/thesis --images view1_frontal.jpg
-  python -m orchestrator.gradcam --sweep sweeps/thesis --images 00000013_005.png 00000032_037.png \\
+  python -m analysis.gradcam --sweep sweeps/thesis --images view1_frontal.jpg
+  python -m analysis.gradcam --sweep sweeps/thesis --images 00000013_005.png 00000032_037.png \\
       --boxes BBox_List_2017.csv --tasks Atelectasis,Cardiomegaly --out results/thesis/gradcam.png
 
 --boxes reads NIH ChestX-ray14's BBox_List_2017.csv format (Image Index, Finding Label, x, y, w, h in
@@ -360,7 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from preprocessing.cli import parse_int_list
+    from common.cli import parse_int_list
     tasks = None
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
     png = render(panels, boxes)
     out = args.out
     if out is None:
-        from orchestrator.aggregate import load_sweep
+        from analysis.aggregate import load_sweep
         out = os.path.join("results", load_sweep(args.sweep).name, "gradcam.png")
     storage.write_bytes(out, png)
     failed = sorted({p.run.trial_id + ": " + p.error for p in panels if p.error})
@@ -400,11 +400,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.gradcam", description=HELP,
+    parser = argparse.ArgumentParser(prog="python -m analysis.gradcam", description=HELP,
                                      epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="orchestrator.gradcam"))
+    sys.exit(run_cli(main, prog="analysis.gradcam"))
