@@ -1,12 +1,14 @@
-"""``python -m trainer.bench``: loader and training-step throughput (commands, not tests).
+"""``python -m bench.loader``: images/s per core of our loader next to the naive one (no tests).
 
-  loader  images/s per core of our loader (store read + decode + keyed augmentation, batched) next
-          to the naive loader peers write (decode the full-size JPEG, Lanczos-resize, augment per
-          sample with torchvision), at each resolution, in one run, on one thread.
-  step    training images/s per model and resolution on the device at hand: with synthetic uint8
-          batches (the device's ceiling) and with the real loader (the gap is the loader's cost).
+Ours: store read + decode + keyed augmentation, batched, as the trainer's loader workers do it.
+Naive: what a typical CheXpert script does per sample: decode the full-size source JPEG,
+Lanczos-resize, augment with torchvision. Both run on one thread at each resolution. The naive
+loader reads the very images the store was built from: their paths are the store's ``image_id``
+column under the store's image root (``--image-root`` overrides it, for a store built elsewhere),
+so the layout of the image folder (phantom or CheXpert) does not matter.
 
-Results go to stdout as a Markdown table and, with ``--json FILE``, as JSON.
+Results go to stdout as a Markdown table and, with ``--json FILE``, as JSON. Training-step
+throughput is ``python -m bench.gpu_check --sections env,configs`` (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -23,22 +25,21 @@ import torch
 from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
 
 EPILOG = """examples:
-  # loader: make a small phantom (realistic 1000-3000 px JPEGs) and its store, compare at 160/320
-  python -m trainer.bench loader --workdir /tmp/bench --studies 40 --resolutions 160,320
+  # make a small phantom (realistic 1000-3000 px JPEGs) and its store, compare at 160/320
+  python -m bench.loader --workdir /tmp/bench --studies 40 --resolutions 160,320
 
-  # loader on an existing phantom/CheXpert image root and the store built from it
-  python -m trainer.bench loader --image-root demo/phantom --store demo/store --resolutions 160,320
+  # an existing store; the naive loader reads the source images the store was built from
+  python -m bench.loader --store demo/store --resolutions 160,320
 
-  # training step on the device at hand (synthetic data, and the real loader with 8 workers)
-  python -m trainer.bench step --models resnet50,densenet121 --resolutions 160,320 \\
-      --store demo/store --workers 8 --steps 30
+  # a CheXpert store whose source images now live elsewhere (CheXpert-v1.0/train/... below /data)
+  python -m bench.loader --store /data/cxr-store --image-root /data --resolutions 320
 """
 
 
 # ---- loader -----------------------------------------------------------------------------------
 
 def _prepare_phantom(workdir: str, studies: int, min_size: int, max_size: int,
-                     resolutions: list[int]) -> tuple[str, str]:
+                     resolutions: list[int]) -> str:
     from preprocessing.build import build_store
     from preprocessing.phantom import make_phantom
     root = os.path.join(workdir, "phantom")
@@ -48,7 +49,7 @@ def _prepare_phantom(workdir: str, studies: int, min_size: int, max_size: int,
                      workers=max(1, (os.cpu_count() or 1)))
     build_store(root, [os.path.join(root, "train.csv"), os.path.join(root, "valid.csv")], store,
                 resolutions=resolutions, use_ray=False, progress=False)
-    return root, store
+    return store
 
 
 def bench_ours(store_loc: str, resolution: int, limit_images: int, seed: int = 0) -> dict:
@@ -86,12 +87,33 @@ def bench_ours(store_loc: str, resolution: int, limit_images: int, seed: int = 0
             "cpu_images_per_s_gpu_augment": images / (read_share + t_decode)}
 
 
-def bench_naive(image_root: str, resolution: int, limit_images: int) -> dict:
+def naive_sources(store_loc: str, image_root: str | None, limit_images: int) -> list[str]:
+    """The source files of the store's first ``limit_images`` training images: the store's
+    ``image_id`` (the CSV ``Path``) under its image root, as the store build read them."""
+    from common import storage
+    from preprocessing.store import open_store
+    store = open_store(store_loc, verify=False)
+    root = image_root or store.manifest.get("image_root")
+    if not root:
+        raise UserError(f"--store {store_loc}: its manifest names no image root; give --image-root")
+    ids = store.read(store.resolutions[0], "train", columns=["image_id"]).column("image_id")
+    paths = [storage.join(root, i) if storage.is_remote(root) else os.path.join(root, i)
+             for i in ids.to_pylist()[:limit_images]]
+    missing = next((p for p in paths if not storage.exists(p)), None)
+    if missing is not None:
+        flag = "--image-root" if image_root else f"the store's image root {root} (--image-root to override)"
+        raise UserError(f"{missing}: source image not found under {flag}")
+    return paths
+
+
+def bench_naive(paths: list[str], resolution: int) -> dict:
     """The per-sample loader of a typical CheXpert script: full JPEG decode, resize, augment."""
-    import pandas as pd
+    import io
+
     from PIL import Image
     from torchvision import transforms as T
-    paths = pd.read_csv(os.path.join(image_root, "train.csv"))["Path"].tolist()[:limit_images]
+
+    from common import storage
     transform = T.Compose([
         T.RandomRotation(30),
         T.RandomAffine(degrees=0, scale=(1 / 1.2, 1.0)),     # zoom-out, black padding
@@ -103,7 +125,7 @@ def bench_naive(image_root: str, resolution: int, limit_images: int) -> dict:
     ])
     t0 = time.perf_counter()
     for p in paths:
-        with Image.open(os.path.join(image_root, p)) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(p))) as im:
             im = im.convert("L").resize((resolution, resolution), Image.LANCZOS)
         x = transform(im)
         assert x.shape == (3, resolution, resolution)
@@ -115,18 +137,18 @@ def bench_naive(image_root: str, resolution: int, limit_images: int) -> dict:
 def run_loader(args) -> int:
     torch.set_num_threads(1)
     resolutions = parse_int_list(args.resolutions, "--resolutions")
-    if args.store and args.image_root:
-        root, store = args.image_root, args.store
-    elif args.store or args.image_root:
-        raise UserError("give both --store and --image-root, or neither (then --workdir is used)")
+    if args.store:
+        store = args.store
+    elif args.image_root:
+        raise UserError("--image-root: only used with --store (the store built from those images)")
     else:
-        workdir = args.workdir or tempfile.mkdtemp(prefix="trainer-bench-")
-        root, store = _prepare_phantom(workdir, args.studies, args.min_size, args.max_size,
-                                       resolutions)
+        workdir = args.workdir or tempfile.mkdtemp(prefix="loader-bench-")
+        store = _prepare_phantom(workdir, args.studies, args.min_size, args.max_size, resolutions)
+    paths = naive_sources(store, args.image_root, args.naive_images)
     rows = []
     for res in resolutions:
         ours = bench_ours(store, res, args.images)
-        naive = bench_naive(root, res, args.naive_images)
+        naive = bench_naive(paths, res)
         ours["speedup_vs_naive"] = ours["images_per_s"] / naive["images_per_s"]
         rows += [ours, naive]
         print(f"res {res}: ours {ours['images_per_s']:.0f} img/s/core "
@@ -147,123 +169,6 @@ def run_loader(args) -> int:
     return 0
 
 
-# ---- training step --------------------------------------------------------------------------
-
-def _step_fn(model, optimizer, device, bf16, channels_last):
-    from trainer.augment import to_model_input
-    from trainer.data import segment_max
-    from trainer.metrics import masked_bce_with_logits
-
-    def step(batch):
-        images = batch["images"].to(device, non_blocking=True)
-        index = batch["study_index"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        x = to_model_input(images, batch["aug"].to(device, non_blocking=True), channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = masked_bce_with_logits(segment_max(logits.float(), index, labels.shape[0]), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-    return step
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_step(model_name: str, resolution: int, device: torch.device, steps: int, warmup: int,
-               batch_studies: int, store_loc: str | None, workers: int, bf16: bool,
-               channels_last: bool) -> list[dict]:
-    from trainer.augment import AugmentSettings, sample_params
-    from trainer.data import StudyBatches, load_split, make_loader
-    from trainer.models import create_model
-    from common.schema import TASKS
-    torch.manual_seed(0)
-    model = create_model(model_name, resolution, outputs=5, weights="none").to(
-        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.99), weight_decay=0.1)
-    step = _step_fn(model, optimizer, device, bf16, channels_last)
-    rows = []
-    # Synthetic: one study per image, the batch built once and reused (the device's ceiling).
-    n = batch_studies
-    synth = {"images": torch.randint(0, 256, (n, 1, resolution, resolution), dtype=torch.uint8),
-             "study_index": torch.arange(n), "labels": torch.randint(0, 2, (n, 5)).float(),
-             "aug": torch.from_numpy(sample_params(AugmentSettings(), 0, 1, np.arange(n)))}
-    if device.type == "cuda":
-        synth = {k: v.pin_memory() for k, v in synth.items()}
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        step(synth)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(synth)
-    _sync(device)
-    dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    rows.append({"model": model_name, "resolution": resolution, "data": "synthetic",
-                 "images_per_s": n * steps / dt, "peak_memory_bytes": peak,
-                 "device": str(device), "bf16": bf16, "channels_last": channels_last})
-    if store_loc:
-        from preprocessing.store import open_store
-        data = load_split(open_store(store_loc, verify=False), resolution, "train", TASKS)
-        batches = StudyBatches(data, batch_studies, seed=0, augment=AugmentSettings())
-        loader = make_loader(batches, workers, pin_memory=device.type == "cuda")
-        images = done = 0
-        t0 = None
-        epoch = 1
-        while done < warmup + steps:
-            loader.sampler.epoch = epoch
-            for batch in loader:
-                if done == warmup:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                step(batch)
-                done += 1
-                if done > warmup:
-                    images += batch["images"].shape[0]
-                if done >= warmup + steps:
-                    break
-            epoch += 1
-        _sync(device)
-        dt = time.perf_counter() - t0
-        rows.append({"model": model_name, "resolution": resolution,
-                     "data": f"loader ({workers} workers)", "images_per_s": images / dt,
-                     "peak_memory_bytes": peak, "device": str(device), "bf16": bf16,
-                     "channels_last": channels_last})
-    return rows
-
-
-def run_step(args) -> int:
-    from trainer.train import device_name
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    bf16 = device.type == "cuda" if args.amp == "auto" else args.amp == "bf16"
-    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "on"
-    rows = []
-    print(f"device: {device_name(device)}; bf16 {bf16}; channels_last {channels_last}; "
-          f"cudnn.benchmark {args.cudnn_benchmark}; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    for model in args.models.split(","):
-        for res in parse_int_list(args.resolutions, "--resolutions"):
-            for r in bench_step(model, res, device, args.steps, args.warmup, args.batch_studies,
-                                args.store, args.workers, bf16, channels_last):
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-    print(f"\n| model | resolution | data | images/s | peak GPU memory |\n|---|---|---|---|---|")
-    for r in rows:
-        peak = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "-"
-        print(f"| {r['model']} | {r['resolution']} | {r['data']} | {r['images_per_s']:.1f} | {peak} |")
-    _write_json(args.json, {"bench": "step", "device": device_name(device), "rows": rows})
-    return 0
-
-
 def _write_json(path, obj) -> None:
     if path:
         with open(path, "w") as f:
@@ -271,45 +176,25 @@ def _write_json(path, obj) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n")[0],
-                                     epilog=EPILOG, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    lo = sub.add_parser("loader", help="loader images/s per core vs the naive per-sample loader",
-                        epilog=EPILOG, formatter_class=HelpFormatter)
-    lo.add_argument("--store", help="existing store (with --image-root)")
-    lo.add_argument("--image-root", help="image root with train.csv the store was built from")
-    lo.add_argument("--workdir", help="where to create the phantom and store when none is given")
-    lo.add_argument("--studies", type=int, default=40, help="phantom studies to create")
-    lo.add_argument("--min-size", type=int, default=1000, help="phantom source size, min")
-    lo.add_argument("--max-size", type=int, default=3000, help="phantom source size, max")
-    lo.add_argument("--resolutions", default="160,320")
-    lo.add_argument("--images", type=int, default=400, help="images timed for our loader")
-    lo.add_argument("--naive-images", type=int, default=30, help="images timed for the naive one")
-    lo.add_argument("--json", help="also write the results here")
-    lo.set_defaults(_run=run_loader)
-    st = sub.add_parser("step", help="training-step images/s per model and resolution",
-                        epilog=EPILOG, formatter_class=HelpFormatter)
-    st.add_argument("--models", default="resnet50,densenet121")
-    st.add_argument("--resolutions", default="160,320")
-    st.add_argument("--store", help="store for the real-loader measurement (omit: synthetic only)")
-    st.add_argument("--workers", type=int, default=8, help="loader workers for the real loader")
-    st.add_argument("--steps", type=int, default=20)
-    st.add_argument("--warmup", type=int, default=5)
-    st.add_argument("--batch-studies", type=int, default=40)
-    st.add_argument("--device", default="auto")
-    st.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto")
-    st.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
-    st.add_argument("--cudnn-benchmark", action="store_true",
-                    help="let cuDNN tune per input shape (re-tunes for every new batch size)")
-    st.add_argument("--json", help="also write the results here")
-    st.set_defaults(_run=run_step)
-    return parser
+    p = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n")[0],
+                                epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("--store", help="an existing store (default: build a phantom and its store in --workdir)")
+    p.add_argument("--image-root", help="where the store's source images are now, if not where it "
+                                        "was built from (the manifest's image_root)")
+    p.add_argument("--workdir", help="where to create the phantom and store when no --store is given")
+    p.add_argument("--studies", type=int, default=40, help="phantom studies to create")
+    p.add_argument("--min-size", type=int, default=1000, help="phantom source size, min")
+    p.add_argument("--max-size", type=int, default=3000, help="phantom source size, max")
+    p.add_argument("--resolutions", default="160,320")
+    p.add_argument("--images", type=int, default=400, help="images timed for our loader")
+    p.add_argument("--naive-images", type=int, default=30, help="images timed for the naive one")
+    p.add_argument("--json", help="also write the results here")
+    return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args._run(args)
+    return run_loader(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="trainer.bench"))
+    sys.exit(run_cli(main, prog="bench.loader"))

@@ -1,4 +1,4 @@
-"""``python -m orchestrator.bench_overhead``: what the sweep machinery costs on top of the trials.
+"""``python -m bench.sweep_overhead``: what the sweep machinery costs on top of the trials.
 
 Runs a real sweep (ledger, Tune, progress view, embedded local Ray) of N trials whose trial
 function only sleeps (``SleepTrial``: run_trial's signature and folder records, no training), so
@@ -25,10 +25,11 @@ import time
 
 from common import storage
 from common.cli import HelpFormatter, run_cli
+from common.trial_folder import TrialFolder
 
 EPILOG = """examples:
-  python -m orchestrator.bench_overhead --trials 8 --epochs 2 --epoch-seconds 15 --slots 2
-  python -m orchestrator.bench_overhead --trials 8 --epochs 2 --epoch-seconds 15 --fake-gpus 4
+  python -m bench.sweep_overhead --trials 8 --epochs 2 --epoch-seconds 15 --slots 2
+  python -m bench.sweep_overhead --trials 8 --epochs 2 --epoch-seconds 15 --fake-gpus 4
 """
 
 
@@ -39,9 +40,9 @@ class SleepTrial:
         self.epoch_seconds = float(epoch_seconds)
 
     def __call__(self, cfg, trial_dir, on_epoch=None):
-        result_loc = storage.join(trial_dir, "result.json")
-        if storage.exists(result_loc):
-            return storage.read_json(result_loc)
+        folder = TrialFolder(trial_dir)
+        if folder.is_finished():
+            return folder.read_result()
         storage.makedirs(trial_dir)
         history = []
         for epoch in range(1, cfg.total_epochs + 1):
@@ -51,13 +52,12 @@ class SleepTrial:
                       "auroc_mean": 0.5, "images_per_s": 0.0, "epoch_seconds": time.time() - t0,
                       "peak_memory_bytes": 0}
             history.append(record)
-            storage.write_bytes(storage.join(trial_dir, "epochs.jsonl"),
-                                "".join(json.dumps(r) + "\n" for r in history).encode())
+            folder.write_epochs(history)
             if on_epoch is not None:
                 on_epoch(dict(record))
         result = {"trial_id": os.path.basename(trial_dir), "config": cfg.to_dict(), "best": {},
                   "history": history, "seconds": sum(r["epoch_seconds"] for r in history)}
-        storage.write_json(result_loc, result)
+        folder.write_result(result)
         return result
 
 
@@ -133,7 +133,7 @@ def bench(trials: int, epochs: int, epoch_seconds: float, slots: int, fake_gpus:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.bench_overhead",
+    p = argparse.ArgumentParser(prog="python -m bench.sweep_overhead",
                                 description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=HelpFormatter)
     p.add_argument("--trials", type=int, default=8)
@@ -152,4 +152,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="orchestrator.bench_overhead"))
+    sys.exit(run_cli(main, prog="bench.sweep_overhead"))
