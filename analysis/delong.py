@@ -71,6 +71,21 @@ def delong_covariance(labels: Sequence[float], *score_sets: Sequence[float]) -> 
     return aucs, sx / m + sy / n
 
 
+def undefined_variance(n_pos: int, n_neg: int) -> str:
+    """Why there is no variance ('' when there is one): each class needs two cases, since DeLong's
+    variance is the spread of per-case components over the cases of each class."""
+    short = [f"{k} {name}" for k, name in ((n_pos, "positive"), (n_neg, "negative")) if k < 2]
+    if not short:
+        return ""
+    return (f"{' and '.join(short)} case{'s' if len(short) > 1 else ''} only: DeLong variance "
+            "undefined (needs 2 of each class), no interval or test")
+
+
+def degenerate_interval(auroc: float) -> str:
+    return (f"degenerate: AUROC {auroc:.4g} with zero DeLong variance (every positive scored on "
+            "one side of every negative); the interval is not certainty")
+
+
 @dataclass(frozen=True)
 class AUROCInterval:
     auroc: float
@@ -79,17 +94,26 @@ class AUROCInterval:
     high: float
     n_pos: int
     n_neg: int
+    note: str = ""          # why low/high are NaN or degenerate; '' for an ordinary interval
 
 
 def auroc_ci(labels: Sequence[float], scores: Sequence[float], level: float = 0.95) -> AUROCInterval:
-    """AUROC with its DeLong variance and a Wald interval ``auc +- z * sd`` clipped to [0, 1]."""
+    """AUROC with its DeLong variance and a Wald interval ``auc +- z * sd`` clipped to [0, 1].
+
+    With fewer than two cases in a class the interval is NaN with the reason in ``note``; with zero
+    variance (perfect separation) it is [auc, auc], marked degenerate in ``note``."""
     labels = np.asarray(labels)
     aucs, cov = delong_covariance(labels, scores)
-    auc, var = float(aucs[0]), max(float(cov[0, 0]), 0.0)
+    auc = float(aucs[0])
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    why = undefined_variance(n_pos, n_neg)
+    if why:
+        return AUROCInterval(auc, math.nan, math.nan, math.nan, n_pos, n_neg, why)
+    var = max(float(cov[0, 0]), 0.0)
     z = float(stats.norm.ppf(0.5 + level / 2.0))
     half = z * math.sqrt(var)
-    return AUROCInterval(auc, var, max(0.0, auc - half), min(1.0, auc + half),
-                         int((labels == 1).sum()), int((labels == 0).sum()))
+    return AUROCInterval(auc, var, max(0.0, auc - half), min(1.0, auc + half), n_pos, n_neg,
+                         degenerate_interval(auc) if var == 0 else "")
 
 
 @dataclass(frozen=True)
@@ -99,27 +123,39 @@ class PairedTest:
     difference: float       # a - b
     se: float               # standard error of the difference
     z: float
-    p_value: float          # two-sided
+    p_value: float          # two-sided; NaN when there is no test (see note)
     n_pos: int
     n_neg: int
+    note: str = ""
 
 
 def paired_test(labels: Sequence[float], scores_a: Sequence[float],
                 scores_b: Sequence[float]) -> PairedTest:
-    """DeLong's two-sided test of AUROC(a) == AUROC(b) for two score sets on the same cases."""
+    """DeLong's two-sided test of AUROC(a) == AUROC(b) for two score sets on the same cases.
+
+    No test (NaN) with fewer than two cases in a class, or when the difference has zero variance
+    but is not zero; zero variance and zero difference (identical rankings) is p = 1."""
     labels = np.asarray(labels)
     aucs, cov = delong_covariance(labels, scores_a, scores_b)
     diff = float(aucs[0] - aucs[1])
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    why = undefined_variance(n_pos, n_neg)
+    if why:
+        return PairedTest(float(aucs[0]), float(aucs[1]), diff, math.nan, math.nan, math.nan,
+                          n_pos, n_neg, why)
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
     se = math.sqrt(max(var, 0.0))
+    note = ""
     if se > 0:
         z = diff / se
         p = float(2.0 * stats.norm.sf(abs(z)))
-    else:  # identical rankings (or both perfect): no evidence of a difference unless diff != 0
-        z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
-        p = 1.0 if diff == 0 else 0.0
-    return PairedTest(float(aucs[0]), float(aucs[1]), diff, se, z, p,
-                      int((labels == 1).sum()), int((labels == 0).sum()))
+    elif diff == 0:   # identical rankings (or both perfect): no evidence of a difference
+        z, p = 0.0, 1.0
+        note = "zero variance of the difference: identical rankings"
+    else:
+        z, p = math.nan, math.nan
+        note = "degenerate: zero variance of a non-zero difference, no test"
+    return PairedTest(float(aucs[0]), float(aucs[1]), diff, se, z, p, n_pos, n_neg, note)
 
 
 def bootstrap_ci(labels: Sequence[float], scores: Sequence[float], n: int = 2000,

@@ -106,6 +106,11 @@ class SweepFolder:
         """Trial folders present (temporary files of interrupted writes left out)."""
         return sorted(n for n in storage.listdir(self.trials_dir) if ".tmp-" not in n)
 
+    def ledger_ids_on_storage(self) -> list[str]:
+        """Trial ids that have a ledger entry (temporary files of interrupted writes left out)."""
+        return sorted(n[:-len(".json")] for n in storage.listdir(self.ledger_dir)
+                      if n.endswith(".json") and ".tmp-" not in n)
+
     def display(self) -> str:
         return storage.display(self.location)
 

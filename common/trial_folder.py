@@ -109,6 +109,28 @@ class TrialFolder:
                 break
         return records
 
+    def read_epochs_checked(self) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+        """Epoch records and the (1-based line number, reason) of every line that is not one, for
+        readers that must list what they skip rather than stop at it."""
+        try:
+            text = storage.read_bytes(self.epochs_path).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return [], []
+        records, bad = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad.append((n, f"not JSON ({exc.msg})"))
+                continue
+            if not isinstance(rec, dict) or "epoch" not in rec:
+                bad.append((n, "not an epoch record"))
+                continue
+            records.append(rec)
+        return records, bad
+
     def read_predictions(self, epoch: int):
         """The validation predictions of one epoch as a pandas DataFrame."""
         import io
