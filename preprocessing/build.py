@@ -15,10 +15,7 @@ import io
 import json
 import os
 import posixpath
-import secrets
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -32,7 +29,9 @@ from common import storage
 from common.cli import UserError, parse_int_list
 from preprocessing.encoding import DEFAULT_ENCODING, ENCODINGS, PARQUET_COMPRESSION, encode_image
 from preprocessing.manifest import FORMAT_VERSION, manifest_hash, sha256_bytes
-from preprocessing.resize import DEFAULT_DRAFT_FACTOR, ImageRejected, resize_image
+from preprocessing.runner import run_in_process, run_on_ray
+from preprocessing.resize import (DEFAULT_DRAFT_FACTOR, MAX_ASPECT_RATIO, MAX_UPSCALE, ImageRejected,
+                                  resize_image)
 from common.schema import (DEFAULT_RESOLUTIONS, MANIFEST_NAME, REJECTS_NAME, SPLITS, TASKS,
                                   label_column, raw_column, shard_dir)
 
@@ -110,7 +109,7 @@ def _image_location(image_root: str, image_id: str) -> str:
 def build_shard(spec: ShardSpec) -> dict:
     """Decode, resize, encode and write one shard; returns its done-record (small metadata only)."""
     columns: dict[int, dict[str, list]] = {r: {"image": [], "keep": []} for r in spec.resolutions}
-    rejects, conversions, kept = [], [], []
+    rejects, conversions, degenerate, kept = [], [], [], []
     for i, row in enumerate(spec.rows):
         try:
             try:
@@ -126,6 +125,9 @@ def build_shard(spec: ShardSpec) -> dict:
             continue
         if result.conversion:
             conversions.append({"path": row["image_id"], "conversion": result.conversion})
+        if result.degenerate:
+            degenerate.append({"path": row["image_id"], "reason": result.degenerate,
+                               "source_size": list(result.source_size)})
         kept.append(i)
         for r in spec.resolutions:
             columns[r]["image"].append(encode_image(result.images[r], spec.encoding))
@@ -142,17 +144,18 @@ def build_shard(spec: ShardSpec) -> dict:
         files.append({"path": spec.file_path(r), "resolution": r, "split": spec.split,
                       "rows": len(kept), "bytes": len(data), "sha256": sha256_bytes(data)})
     record = {"key": spec.key, "split": spec.split, "index": spec.index, "rows": len(spec.rows),
-              "stored": len(kept), "files": files, "rejects": rejects, "conversions": conversions}
+              "stored": len(kept), "files": files, "rejects": rejects, "conversions": conversions,
+              "degenerate": degenerate}
     # The done-record goes last: files without a matching record are rebuilt on the next run.
     storage.write_json(storage.join(spec.out, spec.record_path), record)
     return record
 
 
 def shard_is_done(spec: ShardSpec) -> dict | None:
-    """The shard's done-record when it and every file it lists are in place, else None.
+    """The shard's done-record when it and every file it lists are in place and intact, else None.
 
-    Files are written atomically, so a file of the recorded size is a complete one; the full
-    sha256 check is ``verify``'s job (it would re-read the whole store on every restart).
+    Each file's sha256 is recomputed: a file of the right size with a damaged byte (a bad disk, a
+    partial overwrite) would otherwise be reused and leave a store that never verifies.
     """
     try:
         record = storage.read_json(storage.join(spec.out, spec.record_path))
@@ -160,13 +163,15 @@ def shard_is_done(spec: ShardSpec) -> dict | None:
         return None
     if record.get("key") != spec.key:
         return None
-    for f in record.get("files", []):
-        fs, path = storage.resolve(storage.join(spec.out, f["path"]))
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File or info.size != f["bytes"]:
-            return None
     if sorted(f["resolution"] for f in record.get("files", [])) != sorted(spec.resolutions):
         return None
+    for f in record["files"]:
+        try:
+            data = storage.read_bytes(storage.join(spec.out, f["path"]))
+        except (FileNotFoundError, IsADirectoryError, storage.StorageError, OSError):
+            return None
+        if len(data) != f["bytes"] or sha256_bytes(data) != f["sha256"]:
+            return None
     return record
 
 
@@ -213,66 +218,13 @@ def plan_shards(rows: list[dict], out: str, image_root: str, resolutions: list[i
             key = hashlib.sha256(json.dumps(
                 {"format_version": FORMAT_VERSION, "rows": chunk, "resolutions": resolutions,
                  "encoding": encoding, "draft_factor": draft_factor, "tasks": tasks,
+                 "degenerate_limits": [MAX_UPSCALE, MAX_ASPECT_RATIO],
                  "image_root": os.path.abspath(image_root) if not storage.is_remote(image_root) else image_root},
                 sort_keys=True, default=str).encode()).hexdigest()
             specs.append(ShardSpec(out=out, split=split, index=index, key=key, rows=chunk,
                                    image_root=image_root, resolutions=resolutions, encoding=encoding,
                                    draft_factor=draft_factor, tasks=tasks))
     return specs
-
-
-# --- running the shards -------------------------------------------------------------------
-
-def _run_in_process(specs: list[ShardSpec]) -> Iterator[dict]:
-    for spec in specs:
-        yield build_shard(spec)
-
-
-def _run_on_ray(specs: list[ShardSpec], address: str | None, num_cpus: int | None) -> Iterator[dict]:
-    """Run shards as Ray tasks; starts a private local Ray unless one is running or ``address`` is given."""
-    import ray
-
-    started, tmp, saved_env = False, None, {}
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        else:
-            # Embedded Ray: its session files and auth token live in a private (0700) folder.
-            # Its token is private too (Ray would otherwise write ~/.ray/auth_token, mode 0644).
-            tmp = tempfile.mkdtemp(prefix="cxr-ray-")
-            token = os.path.join(tmp, "auth_token")
-            fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-            overrides = {"RAY_AUTH_TOKEN_PATH": token}
-            if "RAY_USAGE_STATS_ENABLED" not in os.environ:
-                overrides["RAY_USAGE_STATS_ENABLED"] = "0"
-            for var, value in overrides.items():
-                saved_env[var] = os.environ.get(var)
-                os.environ[var] = value
-            here = os.path.dirname(os.path.dirname(os.path.abspath(preprocessing.__file__)))
-            pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-            ray.init(num_cpus=num_cpus, _temp_dir=os.path.join(tmp, "r"), include_dashboard=False,
-                     logging_level="ERROR", log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-        started = True
-    try:
-        task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
-        pending = [task.remote(s) for s in specs]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                yield ray.get(ref)
-    finally:
-        if started:
-            ray.shutdown()
-            for var, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = value
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the whole build ----------------------------------------------------------------------
@@ -308,6 +260,13 @@ def _remove_stale(out: str, specs: list[ShardSpec], resolutions: list[int]) -> N
                 rel = f"{folder}/{name}"
                 if name.startswith("shard-") and rel not in wanted:
                     storage.delete(storage.join(out, rel))
+
+
+def _by_kind(degenerate: list[dict]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for d in degenerate:
+        kinds[d["reason"]] = kinds.get(d["reason"], 0) + 1
+    return dict(sorted(kinds.items()))
 
 
 def _dataset_info(image_root: str) -> tuple[str, dict | None]:
@@ -401,7 +360,9 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
                disable=not progress, file=sys.stderr)
     try:
         if todo:
-            runner = _run_on_ray(todo, address, num_cpus) if use_ray else _run_in_process(todo)
+            # build_shard is looked up here (not bound at import) so a test can replace it.
+            runner = run_on_ray(todo, build_shard, address, num_cpus) if use_ray else \
+                run_in_process(todo, build_shard)
             for record in runner:
                 records[(record["split"], record["index"])] = record
                 bar.update(1)
@@ -412,7 +373,7 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
 
     # Assemble the manifest from the done-records, in plan order.
     ordered = [records[(s.split, s.index)] for s in specs]
-    shards, converted, per_split = [], {}, {}
+    shards, converted, per_split, degenerate = [], {}, {}, []
     for split in sorted({s.split for s in specs} | {split_of(r["path"], r["csv"]) for r in rejects}):
         per_split[split] = {"rows_in": 0, "stored": 0, "rejected": 0, "converted": 0}
     for r in rejects:
@@ -425,6 +386,7 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
         per_split[split]["converted"] += len(record["conversions"])
         for c in record["conversions"]:
             converted[c["conversion"]] = converted.get(c["conversion"], 0) + 1
+        degenerate.extend(record.get("degenerate", []))
         shards.extend(record["files"])
     for c in per_split.values():
         c["rows_in"] = c["stored"] + c["rejected"]
@@ -432,6 +394,7 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
     stored = sum(c["stored"] for c in per_split.values())
     counts = {"rows_in": labelset.rows_in, "stored": stored, "rejected": len(rejects),
               "converted": sum(converted.values()), "converted_by_kind": converted,
+              "degenerate": len(degenerate), "degenerate_by_kind": _by_kind(degenerate),
               "per_split": per_split}
     if counts["rows_in"] != stored + len(rejects):
         raise RuntimeError(f"rows in {counts['rows_in']} != stored {stored} + rejected {len(rejects)}")
@@ -464,6 +427,8 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
         "shards": shards,
         "counts": counts,
         "study_label_conflicts": list(labelset.conflicts),
+        # Stored, but worth a look: tiny sources upscaled, strip-shaped sources squashed.
+        "degenerate_images": sorted(degenerate, key=lambda d: d["path"]),
     }
     if phantom is not None:
         manifest["phantom"] = phantom
@@ -514,6 +479,9 @@ def run(args) -> int:
         print(f"  {split}: rows in {c['rows_in']}, stored {c['stored']}, rejected {c['rejected']}, converted {c['converted']}")
     if counts["rejected"]:
         print(f"rejected rows: {storage.display(storage.join(args.out, REJECTS_NAME))}")
+    if counts.get("degenerate"):
+        print(f"warning: {counts['degenerate']} degenerate image(s) stored (listed in the manifest under "
+              f"degenerate_images): " + "; ".join(f"{n} x {k}" for k, n in counts["degenerate_by_kind"].items()))
     if manifest["study_label_conflicts"]:
         print(f"study label conflicts: {len(manifest['study_label_conflicts'])} (listed in the manifest)")
     print(f"manifest hash {manifest_hash(manifest)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -27,6 +28,11 @@ from PIL import Image
 #: Reduced JPEG decode keeps the decoded size >= this factor x the largest resolution (tested: PSNR).
 DEFAULT_DRAFT_FACTOR = 2.0
 LANCZOS = Image.Resampling.LANCZOS
+#: A source whose short side is below 1/MAX_UPSCALE of the largest resolution is flagged degenerate.
+MAX_UPSCALE = 4.0
+#: A source longer than MAX_ASPECT_RATIO x its short side is flagged degenerate (chest films are
+#: about 0.8-1.25; a lateral or a cropped film stays well inside 3:1).
+MAX_ASPECT_RATIO = 3.0
 
 
 class ImageRejected(Exception):
@@ -40,6 +46,7 @@ class Resized:
     source_mode: str                  # Pillow mode of the source file ('L', 'RGB', 'I;16', ...)
     conversion: str | None            # e.g. 'RGB->L', 'I;16->L (min-max scaled)'; None for 8-bit L
     decoded_size: tuple[int, int]     # (width, height) actually decoded (smaller when draft was used)
+    degenerate: str | None = None     # degenerate_reason() of the source, None when fine
 
 
 def _to_gray8(image: Image.Image) -> tuple[Image.Image, str | None]:
@@ -56,6 +63,35 @@ def _to_gray8(image: Image.Image) -> tuple[Image.Image, str | None]:
         # Transparency has no meaning for a radiograph; drop alpha before the luma transform.
         image = image.convert("RGB") if mode != "LA" else image.getchannel(0)
     return image.convert("L"), f"{mode}->L"
+
+
+_ADDRESS = re.compile(r"\s*(?:at )?0x[0-9a-fA-F]+")
+
+
+def stable_text(exc: BaseException) -> str:
+    """The first line of an exception's message without memory addresses, so that the same bad
+    input always gives the same reject reason (rejects.csv is compared between builds)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return _ADDRESS.sub("", text).strip() or type(exc).__name__
+
+
+def degenerate_reason(source_size: tuple[int, int], resolutions: Iterable[int]) -> str | None:
+    """Why a decodable source makes a poor stored image, or None.
+
+    Such images are stored (the label is still valid and the user chose the data) but counted, warned
+    about in the build summary and listed in the manifest: a square resize invents detail when it
+    upscales a tiny source, and squashes anatomy beyond recognition from a strip-shaped one.
+    """
+    width, height = source_size
+    short, long = min(width, height), max(width, height)
+    largest = max(int(r) for r in resolutions)
+    if short <= 0:
+        return "empty image"
+    if long / short > MAX_ASPECT_RATIO:
+        return f"extreme aspect ratio (more than {MAX_ASPECT_RATIO:g}:1)"
+    if largest / short > MAX_UPSCALE:
+        return f"upscaled more than {MAX_UPSCALE:g}x (short side below 1/{MAX_UPSCALE:g} of the largest resolution)"
+    return None
 
 
 def open_image(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, str, tuple[int, int]]:
@@ -76,9 +112,12 @@ def open_image(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[
     except ImageRejected:
         raise
     except Image.DecompressionBombWarning as exc:
-        raise ImageRejected(f"image too large: {exc}") from None
+        raise ImageRejected(f"image too large: {stable_text(exc)}") from None
+    except Image.UnidentifiedImageError:
+        # Its message names the in-memory stream ("<_io.BytesIO object at 0x...>"): not stable text.
+        raise ImageRejected("undecodable image: not a recognised image format") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = stable_text(exc)
         if "truncated" in text.lower():
             raise ImageRejected(f"truncated image: {text}") from None
         raise ImageRejected(f"undecodable image: {text}") from None
@@ -107,9 +146,10 @@ def resize_image(data: bytes, resolutions: Iterable[int],
         for r in resolutions:
             out[r] = np.asarray(gray.resize((r, r), LANCZOS), dtype=np.uint8)
     except Exception as exc:  # e.g. a zero-sized image
-        raise ImageRejected(f"cannot resize image: {exc}") from None
+        raise ImageRejected(f"cannot resize image: {stable_text(exc)}") from None
     return Resized(images=out, source_size=source_size, source_mode=source_mode,
-                   conversion=conversion, decoded_size=gray.size)
+                   conversion=conversion, decoded_size=gray.size,
+                   degenerate=degenerate_reason(source_size, resolutions))
 
 
 def reference_resize(data: bytes, resolution: int) -> np.ndarray:

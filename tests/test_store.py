@@ -416,3 +416,59 @@ def test_manifest_hash_ignores_created_and_a_bad_manifest_is_refused(tmp_path, c
         open_store(out)
     assert cli("verify", [out]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_restart_rebuilds_a_shard_corrupted_at_the_same_size(tmp_path):
+    root = tmp_path / "src"
+    csvs = write_dataset(root, make_dataset(root, 3, 1))
+    out = str(tmp_path / "store")
+    build.build_store(str(root), csvs, out, resolutions=RES, shard_size=2, use_ray=False, progress=False)
+    victim = os.path.join(out, "res32", "train", "shard-00001.parquet")
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0x01                         # same size, one bit off
+    open(victim, "wb").write(bytes(data))
+    built = []
+    build.build_store(str(root), csvs, out, resolutions=RES, shard_size=2, use_ray=False, progress=False,
+                      on_shard=built.append)
+    assert [(r["split"], r["index"]) for r in built] == [("train", 1)]
+    assert verify_store(out) == []
+
+
+def test_degenerate_images_are_stored_counted_and_warned(tmp_path, capsys):
+    root = tmp_path / "src"
+    rows = make_dataset(root, 2, 1)
+    tiny, strip = image_path("train", 30), image_path("train", 31)
+    save_jpeg(root / tiny, noise_image(30, (6, 6)))          # 32 px from 6 px: > 4x upscaled
+    save_jpeg(root / strip, noise_image(31, (10, 300)))      # 1:30
+    rows["train"] += [csv_row(tiny), csv_row(strip)]
+    csvs = write_dataset(root, rows)
+    out = str(tmp_path / "store")
+    code = cli("build", ["--image-root", str(root), "--csv", csvs[0], "--csv", csvs[1], "--out", out,
+                         "--resolutions", "16,32", "--no-ray", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "warning: 2 degenerate image(s) stored" in printed
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["counts"]["degenerate"] == 2 and manifest["counts"]["stored"] == 6
+    assert manifest["counts"]["degenerate_by_kind"] == {
+        "extreme aspect ratio (more than 3:1)": 1,
+        "upscaled more than 4x (short side below 1/4 of the largest resolution)": 1}
+    assert [(d["path"], d["source_size"]) for d in manifest["degenerate_images"]] == [(tiny, [6, 6]), (strip, [10, 300])]
+    assert verify_store(out) == []
+
+
+def test_reject_reasons_are_stable_text(tmp_path):
+    """The same bad input gives byte-identical rejects.csv in two builds (no memory addresses)."""
+    root = tmp_path / "src"
+    rows = make_dataset(root, 2, 1)
+    garbage = image_path("train", 12)
+    os.makedirs(os.path.dirname(root / garbage))
+    (root / garbage).write_bytes(b"this is not an image at all")
+    rows["train"].append(csv_row(garbage))
+    csvs = write_dataset(root, rows)
+    texts = []
+    for name in ("a", "b"):
+        build.build_store(str(root), csvs, str(tmp_path / name), resolutions=[16], use_ray=False, progress=False)
+        texts.append(open(tmp_path / name / "rejects.csv").read())
+    assert texts[0] == texts[1] and "0x" not in texts[0]
+    assert "undecodable image: not a recognised image format" in texts[0]
