@@ -72,6 +72,7 @@ class TrainConfig:
     channels_last: str = "auto"          # 'auto' (on for CUDA), 'on', 'off'
     workers: int = -1                    # loader worker processes; -1 = auto, 0 = in-process
     cuda_graphs: str = "auto"            # replay forward+backward as CUDA graphs: 'auto' (CUDA at <= 320 px), 'on', 'off'
+    compile: str = "auto"                # torch.compile (inductor) the model: 'auto' (CUDA at >= 400 px), 'on', 'off'
     cache_dir: str = ""                  # node-local store cache dir (preprocessing/cache.py); "" = read the store directly
 
     # --- validation ---------------------------------------------------------------------------
@@ -127,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"device: {self.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs: {self.cuda_graphs!r} is not 'auto', 'on' or 'off'")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile: {self.compile!r} is not 'auto', 'on' or 'off'")
         if self.workers < -1:
             raise ConfigError(f"workers: must be -1 (auto) or >= 0, got {self.workers}")
 
@@ -195,11 +198,12 @@ class TrainConfig:
 
         Excluded: where the store lives (its content is covered by the manifest hash), the weight
         cache location (its content is covered by ``weights``), loader workers (results do not
-        depend on them), CUDA graphs (the same kernels, replayed) and the node-local cache folder.
+        depend on them), CUDA graphs (the same kernels, replayed), compilation (the same maths,
+        fused; equal within a tolerance, trainer/compile.py) and the node-local cache folder.
         Device, amp and channels_last stay in: a bf16 GPU run is not the same experiment as an
         fp32 CPU run.
         """
-        excluded = {"store", "weights_dir", "workers", "cache_dir", "cuda_graphs"}
+        excluded = {"store", "weights_dir", "workers", "cache_dir", "cuda_graphs", "compile"}
         return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in excluded)
 
     def result_dict(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from trainer import checkpoint as ckpt
 from trainer.augment import AugmentSettings, to_model_input
 from trainer.config import ConfigError, TrainConfig, field_help
 from trainer.data import StudyBatches, load_split, make_loader, resolve_workers, segment_max
+from trainer.compile import compile_model, want_compile
 from trainer.graphs import GraphedTraining, want_graphs
 from trainer.metrics import auroc_per_task, masked_bce_with_logits, nanmean
 
@@ -390,9 +391,12 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
         graphs_on = want_graphs(cfg.cuda_graphs, device, cfg.resolution)
         model = model.to(device, memory_format=torch.channels_last if channels_last
                          else torch.contiguous_format)
+        compile_on = want_compile(cfg.compile, device, cfg.resolution)
+        if compile_on:   # in place: state_dict keys, checkpoints and resume are unchanged
+            compile_model(model)
         trial_log(f"model {model.name} ({cfg.weights} weights) on {device_name(device)}; "
                   f"bf16 {'on' if bf16 else 'off'}, channels_last {'on' if channels_last else 'off'}, "
-                  f"CUDA graphs {'on' if graphs_on else 'off'}")
+                  f"CUDA graphs {'on' if graphs_on else 'off'}, compile {'on' if compile_on else 'off'}")
 
         # ---- 4. resume ------------------------------------------------------------------------
         history: list[dict] = []
