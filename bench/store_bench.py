@@ -1,4 +1,4 @@
-"""``python -m preprocessing bench``: the store builder vs the naive path, store size, read speed.
+"""``python -m bench.store_bench`` (also ``python -m preprocessing bench``): the store builder vs the naive path, store size, read speed.
 
 On generated full-size JPEGs (default 2320 x 2832, quality 95) in a temporary folder, in one run:
 
@@ -10,6 +10,7 @@ On generated full-size JPEGs (default 2320 x 2832, quality 95) in a temporary fo
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import os
@@ -25,15 +26,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from preprocessing import build
-from common.cli import UserError, parse_int_list
+from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
 from preprocessing.encoding import ENCODINGS, decode_image, encode_image
 from preprocessing.resize import LANCZOS, psnr
 from common.schema import DEFAULT_RESOLUTIONS, TASKS
 
 HELP = "Benchmark the store builder against per-resolution resizing, and the store's size and read speed."
 EPILOG = """examples:
-  python -m preprocessing bench --images 40
-  python -m preprocessing bench --images 200 --ray-cpus 8 --write docs/bench-store.md
+  python -m bench.store_bench --images 40
+  python -m bench.store_bench --images 200 --ray-cpus 8 --write docs/bench-store.md
 """
 
 
@@ -232,10 +233,25 @@ def run(args) -> int:
         raise UserError("--images: need at least 1")
     resolutions = parse_int_list(args.resolutions, "--resolutions")
     report, _ = run_bench(args.images, args.width, args.height, resolutions, args.ray_cpus, args.keep)
-    command = "python -m preprocessing " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python -m preprocessing bench"
+    command = "python -m bench.store_bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     text = f"Command: `{command}`\n\n{report}"
     print(text)
     if args.write:
         with open(args.write, "w") as f:
-            f.write("# Store benchmark (`python -m preprocessing bench`)\n\n" + text)
+            f.write("# Store benchmark (`python -m bench.store_bench`)\n\n" + text)
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.store_bench", description=HELP, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="bench.store_bench"))

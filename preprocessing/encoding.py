@@ -2,7 +2,7 @@
 
 ``raw-uint8`` (the default) stores the R*R pixel bytes as they are and lets Parquet's zstd compress
 the column; decoding is a zero-copy ``numpy.frombuffer``. It was chosen by measurement against PNG
-and lossless WebP (docs/store.md, ``python -m preprocessing bench``): reading is many times faster
+and lossless WebP (docs/store.md, ``python -m bench.store_bench``): reading is many times faster
 and the store is about as large. PNG and WebP remain available (``--encoding``) and readable.
 """
 from __future__ import annotations

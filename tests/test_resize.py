@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing.bench import synthetic_radiograph
+from bench.store_bench import synthetic_radiograph
 from preprocessing.encoding import ENCODINGS, decode_image, encode_image
 from preprocessing.resize import ImageRejected, psnr, reference_resize, resize_image
 
