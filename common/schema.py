@@ -47,6 +47,17 @@ SPLITS = ("train", "valid")
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.csv"
 
+#: CheXpert v1.0: 223,414 training images in 187,641 studies (1.19 a study) and 234 validation
+#: images; the size a plan assumes before a store exists, and what turns studies into images.
+CHEXPERT_TRAIN_IMAGES = 223_414
+CHEXPERT_VALID_IMAGES = 234
+IMAGES_PER_STUDY = 1.19
+
+
+def images_per_batch(batch_studies: int) -> int:
+    """Images in a batch of ``batch_studies`` CheXpert studies (40 studies -> 48 images)."""
+    return round(batch_studies * IMAGES_PER_STUDY)
+
 
 def raw_column(task: str) -> str:
     """Store column with the CSV value: 1.0, 0.0, -1.0 or null (blank)."""

@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     from preprocessing.build import build_store
     from preprocessing.phantom import make_phantom
     from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import SweepConfig
+    from trainer.config import TrainConfig
 
     resolutions = parse_int_list(args.resolutions, "--resolutions")
     try:
@@ -80,13 +82,15 @@ def main(argv=None) -> int:
         print("    (reusing the store already there)")
 
     print("==> [3/3] sweep on an embedded local Ray instance", flush=True)
-    result = run_sweep(
-        resolutions=resolutions, store=store_dir, storage_loc=os.path.join(out, "sweeps"),
-        name="demo", models=[m.strip() for m in args.models.split(",") if m.strip()], seeds=seeds,
-        config={**DEMO["train"], "epochs_unfrozen": args.epochs},
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0,
-        results_dir=os.path.join(out, "results"), progress_interval=15.0,
-        command=" ".join(["python -m orchestrator.demo"] + list(argv if argv is not None else sys.argv[1:])))
+    sweep = SweepConfig(resolutions=tuple(resolutions), store=store_dir,
+                        storage=os.path.join(out, "sweeps"), name="demo",
+                        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                        seeds=tuple(seeds), cpus_per_trial=args.cpus_per_trial, gpus_per_trial="0",
+                        results_dir=os.path.join(out, "results"), progress_interval=15.0)
+    train = TrainConfig.from_dict({**DEMO["train"], "epochs_unfrozen": args.epochs})
+    typed = list(argv if argv is not None else sys.argv[1:])
+    result = run_sweep(sweep, train, command=" ".join(["python -m orchestrator.demo"] + typed),
+                       argv=typed)
     print(f"==> demo finished in {time.time() - started:.0f} s; report: "
           f"{os.path.join(out, 'results', 'report.html')}")
     print("    SYNTHETIC PHANTOM DATA, tiny budget: these AUROCs show the pipeline working, not an "

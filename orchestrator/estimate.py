@@ -1,74 +1,43 @@
-"""GPU-hours of a sweep, from a documented throughput table (an ESTIMATE, not a measurement).
+"""GPU-hours of a sweep: per (model, resolution) group, images per trial / images/s x GPU share.
 
-Anchor (published, ../shared/RAY_NOTES.md): ResNet50 trains at ~2,470 images/s at 224 px on one
-A100 with AMP (NVIDIA DeepLearningExamples); an H100 is ~1.8x an A100 on ResNet50 (MLPerf), so
-ResNet50 ~4,446 img/s at 224 px on an H100. Throughput scales ~1/pixels with resolution.
+The images/s of a group come from, in order of trust:
 
-Other models: relative to ResNet50 by forward FLOPs at 224 px (torchvision / EfficientNet paper
-figures), times a per-family efficiency factor, because FLOPs alone flatter memory-bound networks:
-
-* ResNet: 1.0 (the anchor family).
-* DenseNet: 0.51, so that DenseNet121 lands at 0.735 x ResNet50, the ratio of the per-GPU targets
-  in the throughput issue (6,400 vs 8,700 img/s at 160 px).
-* EfficientNet: 0.133, so that B0 at 224 px trains ~1.4x faster than ResNet50 (depthwise
-  convolutions and SiLU make it far slower than its 0.39 GFLOPs suggest); B1-B7 scale by FLOPs
-  from B0. This factor is the least certain number in the table.
+1. a measured file (``bench/gpu_check.py`` JSON): the sweep reads every committed
+   ``bench/results/*.json`` by default (``--gpu-measurements`` names others), in the trials' CUDA
+   graph mode and without cuDNN autotuning (``packing.load_measurements``);
+2. the throughput model (``orchestrator.throughput``) on the FLOPs table of the registry's models
+   (``table``), or on FLOPs counted for any other model (``FLOPs estimate``).
 
 Validation is a forward pass over the valid split every epoch, costed at 1/3 of a training image.
-Measured figures replace the table per (model, resolution): the sweep's ``--gpu-measurements
-FILE`` (a ``bench/gpu_check.py`` JSON) gives ``estimate(..., measured=...)`` the check's images/s,
-and the dry run says which groups were costed with them.
+Every figure but a measured one is an ESTIMATE; the dry run says per group which it used.
 """
 from __future__ import annotations
 
+import argparse
+import glob
+import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-#: ResNet50, one H100, bf16/AMP, 224 px: 2,470 img/s (A100) x 1.8.
-ANCHOR_IMAGES_PER_S = 2470.0 * 1.8
-ANCHOR_RESOLUTION = 224
+from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
+from common.schema import IMAGES_PER_STUDY
 
-#: Forward GFLOPs (multiply-adds) at 224 x 224 px. EfficientNet values are the paper's figures at
-#: each variant's native resolution rescaled to 224 px (cost ~ pixels).
-GFLOPS_224 = {
-    "resnet18": 1.82, "resnet34": 3.67, "resnet50": 4.11, "resnet152": 11.56,
-    "densenet121": 2.87, "densenet161": 7.73, "densenet169": 3.36,
-    "efficientnet-b0": 0.39,                      # native 224
-    "efficientnet-b1": 0.70 * (224 / 240) ** 2,   # native 240
-    "efficientnet-b2": 1.0 * (224 / 260) ** 2,    # native 260
-    "efficientnet-b3": 1.8 * (224 / 300) ** 2,    # native 300
-    "efficientnet-b4": 4.2 * (224 / 380) ** 2,    # native 380
-    "efficientnet-b5": 9.9 * (224 / 456) ** 2,    # native 456
-    "efficientnet-b6": 19.0 * (224 / 528) ** 2,   # native 528
-    "efficientnet-b7": 37.0 * (224 / 600) ** 2,   # native 600
-}
-
-FAMILY_EFFICIENCY = {"resnet": 1.0, "densenet": 0.51, "efficientnet": 0.133}
-
-#: CheXpert: 223,414 training images in 187,641 studies (used with --max-train-studies).
-IMAGES_PER_STUDY = 1.19
 #: A validation image costs about a third of a training image (forward only).
 VALID_COST = 1.0 / 3.0
 
 
-def family(model: str) -> str:
-    for fam in FAMILY_EFFICIENCY:
-        if model.startswith(fam):
-            return fam
-    raise KeyError(model)
-
-
-def images_per_s(model: str, resolution: int) -> float:
-    """Estimated training images/s of ``model`` at ``resolution`` px on one H100 (bf16)."""
-    rel = FAMILY_EFFICIENCY[family(model)] * GFLOPS_224["resnet50"] / GFLOPS_224[model]
-    return ANCHOR_IMAGES_PER_S * rel * (ANCHOR_RESOLUTION / resolution) ** 2
+def committed_measurements() -> list[str]:
+    """The gpu_check JSONs committed to this checkout's bench/results (none in an installed copy)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return sorted(glob.glob(os.path.join(root, "bench", "results", "*.json")))
 
 
 @dataclass
 class Estimate:
     trials: int
     gpu_hours: float
-    per_group: dict        # (model, resolution) -> {"trials", "images_per_s", "gpu_hours"}
+    per_group: dict        # (model, resolution) -> {"trials", "images_per_s", "gpu_hours", "gpu_share", "source"}
 
 
 def epoch_images(train_images: int, valid_images: int, max_train_studies: int = 0,
@@ -80,13 +49,23 @@ def epoch_images(train_images: int, valid_images: int, max_train_studies: int = 
     return train_images, valid_images
 
 
+def group_rate(model: str, resolution: int,
+               measured: Mapping[tuple[str, int], tuple[float, str]] | None = None) -> tuple[float, str]:
+    """(images/s, where it came from) of one group."""
+    from orchestrator import throughput
+    hit = (measured or {}).get((model, resolution))
+    if hit and hit[0]:
+        return float(hit[0]), hit[1]
+    return throughput.images_per_s(model, resolution), throughput.source(model)
+
+
 def estimate(trials: list[tuple[str, int]], epochs: int, train_images: int, valid_images: int,
              gpus_per_trial: float | Sequence[float] = 1.0,
-             measured: Mapping[tuple[str, int], float] | None = None) -> Estimate:
+             measured: Mapping[tuple[str, int], tuple[float, str] | float] | None = None) -> Estimate:
     """GPU-hours for trials given as (resolved model, resolution) pairs.
 
-    ``measured``: (model, resolution) -> images/s measured on the target GPU; those groups use it
-    instead of the table (their ``per_group`` entry says ``"source": "measured"``).
+    ``measured``: (model, resolution) -> (images/s, where) measured on the target GPU
+    (``packing.measured_rates``); a bare number is accepted as (number, 'measured').
 
     ``gpus_per_trial``: one GPU share for every trial, or one per trial (``--gpus-per-trial
     auto``). A trial holding a fraction of a GPU is costed at its wall time times that fraction,
@@ -97,37 +76,87 @@ def estimate(trials: list[tuple[str, int]], epochs: int, train_images: int, vali
               else [gpus_per_trial] * len(trials))
     if len(shares) != len(trials):
         raise ValueError(f"{len(shares)} GPU shares for {len(trials)} trials")
+    rates = {k: (v if isinstance(v, tuple) else (float(v), "measured"))
+             for k, v in (measured or {}).items()}
     per_group: dict = {}
     total = 0.0
     for (model, res), share in zip(trials, shares):
-        rate = (measured or {}).get((model, res))
-        ips = rate if rate else images_per_s(model, res)
-        seconds = epochs * (train_images + VALID_COST * valid_images) / ips
+        g = per_group.get((model, res))
+        if g is None:
+            ips, where = group_rate(model, res, rates)
+            g = per_group[(model, res)] = {"trials": 0, "images_per_s": ips, "gpu_hours": 0.0,
+                                           "gpu_share": share, "source": where}
+        seconds = epochs * (train_images + VALID_COST * valid_images) / g["images_per_s"]
         hours = seconds / 3600.0 * (share if share > 0 else 1.0)
-        g = per_group.setdefault((model, res), {"trials": 0, "images_per_s": ips, "gpu_hours": 0.0,
-                                                "gpu_share": share,
-                                                "source": "measured" if rate else "table"})
         g["trials"] += 1
         g["gpu_hours"] += hours
         total += hours
     return Estimate(trials=len(trials), gpu_hours=total, per_group=per_group)
 
 
-def throughput_table(models: list[str], resolutions: list[int]) -> str:
-    """Markdown table of the estimated img/s (what docs/sweep.md shows)."""
-    head = "| model | " + " | ".join(f"{r} px" for r in resolutions) + " |"
-    sep = "| --- |" + " ---: |" * len(resolutions)
-    rows = [head, sep]
-    for m in models:
-        rows.append(f"| {m} | " + " | ".join(f"{images_per_s(m, r):,.0f}" for r in resolutions) + " |")
-    return "\n".join(rows)
+def is_measured(source: str) -> bool:
+    return source.startswith("measured")
 
 
-if __name__ == "__main__":   # regenerate the docs table
+def throughput_table(models: list[str], resolutions: list[int],
+                     measured: Mapping[tuple[str, int], tuple[float, str]] | None = None) -> str:
+    """Markdown table of img/s per model and resolution, each cell marked with its source."""
     from trainer.models import resolve_model_name
-    res = [160, 240, 320, 400, 480]
-    print(throughput_table(["resnet50", "resnet152", "densenet121", "densenet161"], res))
-    print()
-    print("| efficientnet (matched) | " + " | ".join(
-        f"{resolve_model_name('efficientnet', r)}: {images_per_s(resolve_model_name('efficientnet', r), r):,.0f}"
-        for r in res) + " |")
+    head = "| model | " + " | ".join(f"{r} px" for r in resolutions) + " |"
+    rows = [head, "| --- |" + " ---: |" * len(resolutions)]
+    for m in models:
+        cells = []
+        for r in resolutions:
+            name = resolve_model_name(m, r)
+            ips, where = group_rate(name, r, measured)
+            mark = "m" if is_measured(where) else "t" if where == "table" else "f"
+            cells.append(f"{'' if name == m else name + ': '}{ips:,.0f} ({mark})")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n\n(m) measured, (t) FLOPs table, (f) FLOPs counted for this model"
+
+
+EPILOG = """examples:
+  python -m orchestrator.estimate                       # the thesis models, committed measurements
+  python -m orchestrator.estimate --models smallcnn,resnet18 --resolutions 64,128
+  python -m orchestrator.estimate --gpu-measurements none   # the throughput model alone
+
+GPU-hours of a whole sweep: python -m orchestrator.sweep ... --dry-run (docs/sweep.md).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.estimate",
+                                description="Training images/s per model and resolution on one H100 "
+                                            "(measured where a bench/gpu_check.py file has it, else "
+                                            "estimated), as a markdown table.",
+                                epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("--models", default="resnet50,resnet152,densenet121,densenet161,efficientnet",
+                   help="comma-separated trainer.models names")
+    p.add_argument("--resolutions", default="160,240,320,400,480", help="comma-separated px")
+    p.add_argument("--gpu-measurements", action="append", default=None, metavar="FILE",
+                   help="gpu_check JSONs (repeatable; 'none' for none; default: every committed "
+                        "bench/results/*.json)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                   help="the trials' TrainConfig.cuda_graphs: which mode's measurements apply")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from orchestrator import packing
+    files = args.gpu_measurements
+    if files is None:
+        files = committed_measurements()
+    elif [f.lower() for f in files] == ["none"]:
+        files = []
+    try:
+        measured = packing.measured_rates(files, args.cuda_graphs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--gpu-measurements: cannot read a gpu_check JSON ({exc})") from None
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    print(throughput_table(models, parse_int_list(args.resolutions, "--resolutions"), measured))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="orchestrator.estimate"))

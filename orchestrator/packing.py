@@ -3,7 +3,8 @@
 A trial that cannot fill a GPU (EfficientNet-B0 at 160 px on an H100) wastes most of it. Ray Tune
 can give such trials a fraction of a GPU (``{"gpu": 0.5}``: two trials share one, with the same
 CUDA_VISIBLE_DEVICES and *no* memory isolation, see ../shared/RAY_NOTES.md), so the sweep needs,
-per (model, resolution), two numbers for one trial at the protocol's batch (40 studies ~ 60 images):
+per (model, resolution), two numbers for one trial at the protocol's batch (40 studies, 48 images,
+``common.schema.images_per_batch``):
 
 * ``memory_gb``: its peak GPU memory, CUDA context included (what another process cannot use);
 * ``busy_share``: the share of the GPU's capacity it keeps busy alone (0..1).
@@ -20,17 +21,17 @@ Where the numbers come from, in order of trust:
    buys), else NVML ``utilization.gpu`` during the timed loop (an upper bound: it counts the GPU
    busy while any kernel runs, however few SMs it uses, so it only under-packs).
 2. **Estimates** (:func:`estimate`, used for everything not measured), from figures measured on
-   CPU and kept in ``CPU_PROFILE`` (``python -m orchestrator.packing --profile-cpu`` recomputes
-   them): parameter count, bytes of tensors autograd saves per image at 128 px (fp32), forward
-   FLOPs per image at 128 px, and the number of aten operations one forward dispatches. Then, at resolution R and batch B:
+   CPU and kept in ``orchestrator.throughput.CPU_PROFILE`` (``python -m orchestrator.packing
+   --profile-cpu`` recomputes them): parameter count, bytes of tensors autograd saves per image at
+   128 px (fp32), forward FLOPs per image at 128 px, and the number of aten operations one forward
+   dispatches. Then, at resolution R and batch B:
 
    - memory = 16 B x params (fp32 weights, grads, two AdamW moments)
      + 0.5 x saved bytes x (R/128)^2 x B x ``ACTIVATION_SLACK`` (bf16 autocast halves the
      saved activations; slack covers cuDNN workspaces and allocator fragmentation)
      + ``CUDA_CONTEXT_GB``;
-   - GPU time per step = 3 x forward FLOPs x (R/128)^2 x B / the family's effective rate, the
-     rates calibrated on the issue's H100 targets (ResNet50 8,700 img/s and DenseNet121 6,400
-     img/s at 160 px; EfficientNet's depthwise convolutions at a quarter of the ResNet rate);
+   - GPU time per step = B / the throughput model's images/s (``orchestrator.throughput``, the
+     same figure the GPU-hour estimate uses);
      CPU time per step = ``LAUNCH_S`` x (3 x forward aten ops + ``FIXED_KERNELS``) (eager
      PyTorch launches kernels one by one, backward ~2 per forward op; a small step is bound by
      that), or ``LAUNCH_S`` x ``FIXED_KERNELS`` where the trial replays its forward and backward
@@ -42,7 +43,7 @@ Where the numbers come from, in order of trust:
 
 How the sweep uses it (``orchestrator/sweep.py``, ``--gpus-per-trial auto``, the default)::
 
-    table = packing.load_table(args.gpu_measurements)      # estimates, overridden by gpu_check JSONs
+    table = packing.load_table(measurement_files)          # estimates, overridden by gpu_check JSONs
     gpu_gb = (args.gpu_memory_gb or packing.gpu_memory_from_ray_nodes(ray.nodes())
               or packing.detect_gpu_memory_gb() or 80.0)
     res = {t.trial_id: packing.trial_resources(t.params.model, t.params.resolution, cpus, gpu_gb, table)
@@ -63,6 +64,9 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from orchestrator import throughput
+from orchestrator.throughput import CPU_PROFILE, REFERENCE_RESOLUTION
+
 #: Per-process GPU memory that torch's allocator counters do not show (CUDA context, cuDNN/cuBLAS
 #: handles and kernels): ~0.5-0.7 GB on Hopper with CUDA 12/13.
 CUDA_CONTEXT_GB = 0.6
@@ -72,45 +76,10 @@ MEMORY_HEADROOM = 0.85
 BUSY_LIMIT = 0.9
 #: The fractions tried, most packed first (Ray accepts any fraction; these divide 1 evenly).
 PACKINGS = (4, 3, 2)
-#: The protocol's batch: 40 studies ~ 60 images (CheXpert: ~1.5 images per study).
-IMAGES_PER_BATCH = 60
 #: Estimate constants (see the module docstring).
 ACTIVATION_SLACK = 1.2
 LAUNCH_S = 10e-6          # eager PyTorch: ~10 us of CPU per kernel launch incl. autograd
 FIXED_KERNELS = 120       # augmentation, normalisation, loss, foreach-AdamW and scheduler per step
-REFERENCE_RESOLUTION = 128
-
-#: Measured on CPU (this repository's models, ``weights='none'``, 5 outputs) by
-#: ``python -m orchestrator.packing --profile-cpu``: parameters, bytes autograd saves per image at
-#: 128 px in fp32 (distinct storages), forward FLOPs per image at 128 px (torch FlopCounterMode),
-#: aten operations one forward dispatches (~ kernels launched).
-CPU_PROFILE: dict[str, dict[str, float]] = {}   # filled below from _CPU_PROFILE_ROWS
-
-_CPU_PROFILE_ROWS = """
-resnet18 11706432 30715136 1185420288 129
-resnet34 21814592 54230528 2393379840 217
-resnet50 25616960 79542016 2673349632 301
-resnet152 60252736 178992896 7521965056 845
-densenet121 8010112 58891072 1852314624 693
-densenet161 28745408 137526880 5049881600 913
-densenet169 14198656 80318784 2196509696 957
-efficientnet-b0 5326972 41832304 254596096 468
-efficientnet-b1 7832608 59127436 375301120 672
-efficientnet-b2 9152002 64009420 434082176 672
-efficientnet-b3 12278824 84963784 633360000 762
-efficientnet-b4 19394376 119145680 988718784 942
-efficientnet-b5 30449712 171371692 1548735104 1146
-efficientnet-b6 43107800 227936500 2207690432 1326
-efficientnet-b7 66422224 323253068 3395843072 1620
-"""
-
-
-def _family(model: str) -> str:
-    for fam in ("resnet", "densenet", "efficientnet"):
-        if model.startswith(fam):
-            return fam
-    return "other"
-
 
 @dataclass(frozen=True)
 class Footprint:
@@ -124,21 +93,6 @@ class Footprint:
 Table = Mapping[tuple[str, int], Footprint]
 
 
-def _rates() -> dict[str, float]:
-    """Effective training FLOP/s per family, calibrated on the issue's H100 targets at 160 px."""
-    def rate(model: str, images_per_s: float) -> float:
-        p = CPU_PROFILE[model]
-        return images_per_s * 3 * p["fwd_flops_at128"] * (160 / REFERENCE_RESOLUTION) ** 2
-    out = {}
-    if "resnet50" in CPU_PROFILE:
-        out["resnet"] = rate("resnet50", 8700)
-        out["efficientnet"] = out["resnet"] / 4
-        out["other"] = out["resnet"] / 2
-    if "densenet121" in CPU_PROFILE:
-        out["densenet"] = rate("densenet121", 6400)
-    return out
-
-
 def uses_graphs(resolution: int, cuda_graphs: str = "auto") -> bool:
     """Whether a trial with TrainConfig.cuda_graphs = ``cuda_graphs`` replays CUDA graphs on a GPU."""
     import torch
@@ -147,18 +101,21 @@ def uses_graphs(resolution: int, cuda_graphs: str = "auto") -> bool:
     return want_graphs(cuda_graphs, torch.device("cuda"), int(resolution))
 
 
-def estimate(model: str, resolution: int, images: int = IMAGES_PER_BATCH,
+def estimate(model: str, resolution: int, images: int | None = None,
              graphs: bool | None = None) -> Footprint | None:
-    """The CPU-profile estimate for a trial, or None for a model without a profile. ``graphs``:
-    whether the trial replays CUDA graphs (None: what the trainer's default does at this size)."""
+    """The CPU-profile estimate for a trial, or None for a model without a profile. ``images``:
+    per batch (None: the protocol's). ``graphs``: whether the trial replays CUDA graphs (None:
+    what the trainer's default does at this size)."""
     p = CPU_PROFILE.get(model)
     if p is None:
         return None
+    if images is None:
+        images = throughput.protocol_images_per_batch()
     if graphs is None:
         graphs = uses_graphs(resolution)
     scale = (resolution / REFERENCE_RESOLUTION) ** 2
     memory = (16 * p["params"] + 0.5 * p["saved_bytes_at128"] * scale * images * ACTIVATION_SLACK) / 1e9
-    gpu_s = 3 * p["fwd_flops_at128"] * scale * images / _rates()[_family(model)]
+    gpu_s = images / throughput.images_per_s(model, resolution)
     cpu_s = LAUNCH_S * (FIXED_KERNELS + (0 if graphs else 3 * p["fwd_ops"]))
     busy = gpu_s / max(gpu_s, cpu_s)
     return Footprint(memory_gb=round(memory + CUDA_CONTEXT_GB, 2), busy_share=round(busy, 2),
@@ -175,7 +132,8 @@ def estimate_table(models: Iterable[str] | None = None,
 def load_measurements(json_path: str, cuda_graphs: str = "auto") -> dict[tuple[str, int], Footprint]:
     """Footprints measured by ``bench/gpu_check.py`` (its JSON document), keyed (model, resolution).
 
-    Only configs that ran on CUDA with a synthetic measurement at the protocol's batch, in the mode
+    A file measured with cuDNN autotuning on is skipped whole (trials run with it off). Only
+    configs that ran on CUDA with a synthetic measurement at the protocol's batch, in the mode
     a trial runs in (CUDA graphs or eager, per :func:`uses_graphs` with the sweep's ``cuda_graphs``
     setting), are taken: an eager step at 160 px keeps a GPU less than half as busy as a graphed
     one, so the other mode's figures would mislead. The busy share is 1 / packing gain where the
@@ -188,7 +146,10 @@ def load_measurements(json_path: str, cuda_graphs: str = "auto") -> dict[tuple[s
     env = report.get("env") if isinstance(report.get("env"), dict) else {}
     where = f"measured: {env.get('device_name', 'cuda')}, {str(report.get('started', ''))[:10]}"
     probe = report.get("packing_probe") if isinstance(report.get("packing_probe"), dict) else {}
-    protocol_images = (report.get("settings") or {}).get("images_per_batch")
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    if settings.get("cudnn_benchmark"):
+        return {}   # trials run without cuDNN autotuning: autotuned rates are not theirs
+    protocol_images = settings.get("images_per_batch")
     out: dict[tuple[str, int], Footprint] = {}
     for section in ("configs", "extra"):
         value = report.get(section)
@@ -238,7 +199,7 @@ def measured_rates(measurements: str | Iterable[str] | None,
     for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
         for key, fp in load_measurements(path, cuda_graphs).items():
             if fp.images_per_s:
-                out[key] = (fp.images_per_s, fp.source)
+                out[key] = (fp.images_per_s, f"{fp.source} ({os.path.basename(path)})")
     return out
 
 def footprint(model: str, resolution: int, table: Table | None = None) -> Footprint | None:
@@ -343,54 +304,6 @@ def describe(points: Iterable[tuple[str, int]], gpu_memory_gb: float, table: Tab
     return "\n".join(lines)
 
 
-# --- the CPU profile behind the estimates ------------------------------------------------------------
-def profile_cpu(model: str, resolution: int = REFERENCE_RESOLUTION) -> dict[str, float]:
-    """Parameters, fp32 bytes autograd saves per image, forward FLOPs per image and aten ops of
-    one model at ``resolution``, measured on CPU with a batch of 2 (training mode)."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from trainer.models import create_model
-    torch.manual_seed(0)
-    net = create_model(model, resolution, outputs=5, weights="none").train()
-    saved, seen = [0], set()
-
-    def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:   # count each storage once (views share one)
-            seen.add(key)
-            saved[0] += t.untyped_storage().nbytes()
-        return t
-
-    class CountOps(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountOps.ops += 1
-            return func(*args, **(kwargs or {}))
-
-    x = torch.randn(2, 3, resolution, resolution)
-    with FlopCounterMode(display=False) as counter, CountOps():
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(x)
-    return {"params": float(sum(p.numel() for p in net.parameters())),
-            "saved_bytes_at128": saved[0] / 2, "fwd_flops_at128": counter.get_total_flops() / 2,
-            "fwd_ops": float(CountOps.ops)}
-
-
-def _load_profile_rows(text: str) -> dict[str, dict[str, float]]:
-    out = {}
-    for line in text.strip().splitlines():
-        name, params, saved, flops, ops = line.split()
-        out[name] = {"params": float(params), "saved_bytes_at128": float(saved),
-                     "fwd_flops_at128": float(flops), "fwd_ops": float(ops)}
-    return out
-
-
-CPU_PROFILE.update(_load_profile_rows(_CPU_PROFILE_ROWS))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator.packing", description=__doc__.split("\n")[0],
@@ -411,7 +324,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.profile_cpu:
         for m in args.profile_cpu.split(","):
-            p = profile_cpu(m.strip())
+            p = throughput.profile_cpu(m.strip())
             print(f"{m.strip()} {p['params']:.0f} {p['saved_bytes_at128']:.0f} {p['fwd_flops_at128']:.0f} "
                   f"{p['fwd_ops']:.0f}", flush=True)
         return 0

@@ -1,16 +1,26 @@
-"""A plain-text, low-noise live view of a sweep (replaces Ray Tune's own table, run with verbose=0).
+"""The live view of a sweep (replaces Ray Tune's own table; Tune runs with verbose=0).
 
-One line per event (trial started, epoch done, finished, failed, retried) and a status block
-when something changed and at most every ``interval`` seconds:
+Two styles (``--progress``; ``auto`` picks ``table`` on a terminal, ``lines`` otherwise):
 
-    [01:02:03] 12/50 finished, 4 running, 33 pending, 1 failed | ETA 3h05m (4 slots)
-      r320-resnet50-s0-multi-1a2b3c4d5e   epoch 3/6  best AUROC 0.8123  node 10.0.0.7 gpu 1
+* ``lines`` (logs, CI): one line per event, and a status block when something changed, at most
+  every ``interval`` seconds::
 
-The ETA is the remaining epochs of every unfinished trial times an epoch duration (the trial's own
-mean when it has finished an epoch, else the mean of trials with the same model and resolution,
-else the observed seconds per pixel scaled to its resolution), divided by the number of trial
-slots. It is a rough guide: it ignores that models differ in cost at the same resolution until a
-trial of that model has finished an epoch.
+    [01:02:03] start r320-resnet50-s0-multi-1a2b3c4d5e
+    [01:09:40] r320-resnet50-s0-multi-1a2b3c4d5e epoch 3/6 AUROC 0.8123 loss 0.4012 1,870 img/s (7m37s; ETA 22m51s)
+    [01:09:40] 12/50 finished, 4 running, 33 pending, 1 failed | ETA 3h05m (4 slots)
+
+* ``table`` (a terminal): starts, finishes and failures scroll by as lines; below them one compact
+  table of the running trials is redrawn in place after every event::
+
+    12/50 finished, 4 running, 33 pending, 1 failed | ETA 3h05m (4 slots)
+    trial                                  epoch  train loss  val AUROC  img/s   ETA
+    r320-resnet50-s0-multi-1a2b3c4d5e      3/6    0.4012      0.8123     1,870   22m51s
+
+A trial's ETA is its remaining epochs times its mean epoch time. The sweep's ETA is the remaining
+epochs of every unfinished trial times an epoch duration (the trial's own mean when it has
+finished an epoch, else the mean of trials with the same model and resolution, else the observed
+seconds per pixel scaled to its resolution), divided by the number of trial slots, and never
+less than the longest remaining trial. It is a rough guide.
 """
 from __future__ import annotations
 
@@ -21,6 +31,9 @@ from typing import IO
 
 from ray.tune.progress_reporter import TrialProgressCallback
 
+#: Rows of running trials the table shows (the rest are counted).
+TABLE_ROWS = 20
+
 
 @dataclass
 class TrialView:
@@ -30,9 +43,17 @@ class TrialView:
     total_epochs: int = 0
     state: str = "pending"       # pending | running | finished | failed | retrying
     epoch: int = 0
+    train_loss: float | None = None
+    auroc: float | None = None   # the last epoch's mean validation AUROC
     best_auroc: float | None = None
+    images_per_s: float | None = None
     epoch_seconds: list[float] = field(default_factory=list)
     where: str = ""
+
+    def eta_seconds(self) -> float | None:
+        if not self.epoch_seconds:
+            return None
+        return max(0, self.total_epochs - self.epoch) * sum(self.epoch_seconds) / len(self.epoch_seconds)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -48,20 +69,22 @@ def format_duration(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and value == value else "-"
+
+
 def _tid(trial) -> str:
     return str(trial.config.get("trial", trial.config).get("trial_id", ""))
 
 
 class SweepProgress(TrialProgressCallback):
-    """Tune callback printing the sweep's progress; also usable without Tune (call the on_* methods).
-
-    It subclasses Tune's TrialProgressCallback only so that Tune does not add its own one, which
-    prints "Trial ... completed. Last result: ..." even at verbose=0; every hook is overridden.
-    """
+    """Tune callback printing the sweep's progress; also usable without Tune (call the plain
+    methods). It subclasses Tune's TrialProgressCallback only so that Tune does not add its own
+    one, which prints "Trial ... completed. Last result: ..." even at verbose=0."""
 
     def __init__(self, trials: dict[str, dict], finished: list[str] | None = None,
                  slots: int = 1, interval: float = 30.0, out: IO[str] | None = None,
-                 epoch_lines: bool = True, sweep_loc: str | None = None):
+                 epoch_lines: bool = True, sweep_loc: str | None = None, style: str = "auto"):
         """``trials``: trial id -> {"resolution", "model", "total_epochs"} for every grid trial;
         ``finished``: ids already finished before this run (shown as finished, never started)."""
         super().__init__()
@@ -78,18 +101,15 @@ class SweepProgress(TrialProgressCallback):
         self.out = out or sys.stdout
         self.epoch_lines = epoch_lines
         self.sweep_loc = sweep_loc
+        if style == "auto":
+            style = "table" if getattr(self.out, "isatty", lambda: False)() else "lines"
+        self.style = style
+        self._drawn = 0            # table lines on screen below the cursor's line start
         self._last_status = 0.0
         self._changed = True
         self.started = time.time()
 
-    # --- output -------------------------------------------------------------------------------
-    def _print(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
-
-    def _event(self, text: str) -> None:
-        self._print(f"[{time.strftime('%H:%M:%S')}] {text}")
-        self._changed = True
-
+    # --- numbers ----------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         out = {"finished": 0, "running": 0, "pending": 0, "failed": 0}
         for v in self.views.values():
@@ -125,26 +145,87 @@ class SweepProgress(TrialProgressCallback):
         # no faster than the longest remaining trial, which cannot be spread over slots
         return max(remaining / self.slots, longest)
 
-    def status_text(self) -> str:
+    def summary_line(self) -> str:
         c = self.counts()
-        total = len(self.views)
-        lines = [f"[{time.strftime('%H:%M:%S')}] {c['finished']}/{total} finished, "
-                 f"{c['running']} running, {c['pending']} pending, {c['failed']} failed"
-                 f" | ETA {format_duration(self.eta_seconds())} ({self.slots} slots)"]
-        for v in sorted(self.views.values(), key=lambda v: v.trial_id):
-            if v.state in ("running", "retrying"):
-                best = f"{v.best_auroc:.4f}" if v.best_auroc is not None else "-"
-                lines.append(f"  {v.trial_id:<44} epoch {v.epoch}/{v.total_epochs}  best AUROC {best}"
-                             f"{'  ' + v.where if v.where else ''}"
-                             f"{'  (retry)' if v.state == 'retrying' else ''}")
+        return (f"{c['finished']}/{len(self.views)} finished, {c['running']} running, "
+                f"{c['pending']} pending, {c['failed']} failed"
+                f" | ETA {format_duration(self.eta_seconds())} ({self.slots} slots)")
+
+    def running(self) -> list[TrialView]:
+        return sorted((v for v in self.views.values() if v.state in ("running", "retrying")),
+                      key=lambda v: v.trial_id)
+
+    def table_text(self) -> str:
+        """The summary and one row per running trial (the ``table`` style's block)."""
+        rows = self.running()
+        width = max([len(v.trial_id) for v in rows] + [5]) + 2
+        lines = [self.summary_line(),
+                 f"{'trial':<{width}}{'epoch':<7}{'train loss':<12}{'val AUROC':<11}{'img/s':>7}   ETA"]
+        for v in rows[:TABLE_ROWS]:
+            lines.append(f"{v.trial_id:<{width}}{f'{v.epoch}/{v.total_epochs}':<7}"
+                         f"{_num(v.train_loss, '.4f'):<12}{_num(v.auroc, '.4f'):<11}"
+                         f"{_num(v.images_per_s, ',.0f'):>7}   {format_duration(v.eta_seconds())}"
+                         f"{'  (retry)' if v.state == 'retrying' else ''}")
+        if len(rows) > TABLE_ROWS:
+            lines.append(f"... and {len(rows) - TABLE_ROWS} more running")
         return "\n".join(lines)
 
+    def status_text(self) -> str:
+        """The ``lines`` style's status block: the summary and the running trials."""
+        lines = [f"[{time.strftime('%H:%M:%S')}] {self.summary_line()}"]
+        for v in self.running():
+            best = _num(v.best_auroc, ".4f")
+            lines.append(f"  {v.trial_id:<44} epoch {v.epoch}/{v.total_epochs}  best AUROC {best}"
+                         f"  ETA {format_duration(v.eta_seconds())}"
+                         f"{'  ' + v.where if v.where else ''}"
+                         f"{'  (retry)' if v.state == 'retrying' else ''}")
+        return "\n".join(lines)
+
+    # --- output -------------------------------------------------------------------------------
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _erase_table(self) -> None:
+        if self._drawn:
+            self._write(f"\x1b[{self._drawn}F\x1b[J")   # to the table's first line, clear below
+            self._drawn = 0
+
+    def _draw_table(self) -> None:
+        self._erase_table()
+        text = self.table_text()
+        self._write(text + "\n")
+        self._drawn = text.count("\n") + 1
+
+    def _event(self, text: str, table_too: bool = True) -> None:
+        """One line per event; in table style only starts, ends and failures scroll by."""
+        line = f"[{time.strftime('%H:%M:%S')}] {text}\n"
+        if self.style == "table":
+            self._erase_table()
+            if table_too:
+                self._write(line)
+            self._draw_table()
+        else:
+            self._write(line)
+        self._changed = True
+
     def maybe_status(self, force: bool = False) -> None:
+        if self.style == "table":
+            if force or self._changed:
+                self._draw_table()
+                self._changed = False
+            return
         now = time.time()
         if force or (self._changed and now - self._last_status >= self.interval):
-            self._print(self.status_text())
+            self._write(self.status_text() + "\n")
             self._last_status = now
             self._changed = False
+
+    def close(self) -> None:
+        """Leave the last table on screen and put the cursor below it."""
+        if self.style == "table":
+            self._draw_table()
+            self._drawn = 0
 
     # --- events (plain methods, called by the Tune hooks below) --------------------------------
     def trial_started(self, trial_id: str, where: str = "") -> None:
@@ -164,13 +245,20 @@ class SweepProgress(TrialProgressCallback):
         secs = record.get("epoch_seconds")
         if isinstance(secs, (int, float)):
             v.epoch_seconds.append(float(secs))
-        auroc = record.get("auroc_mean")
-        if isinstance(auroc, (int, float)) and auroc == auroc:   # not NaN
-            v.best_auroc = auroc if v.best_auroc is None else max(v.best_auroc, auroc)
+        for key, attr in (("train_loss", "train_loss"), ("images_per_s", "images_per_s"),
+                          ("auroc_mean", "auroc")):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and value == value:   # not NaN
+                setattr(v, attr, float(value))
+                if key == "auroc_mean":
+                    v.best_auroc = v.auroc if v.best_auroc is None else max(v.best_auroc, v.auroc)
         if self.epoch_lines:
+            auroc = record.get("auroc_mean")
             self._event(f"{trial_id} epoch {v.epoch}/{v.total_epochs} AUROC "
-                        f"{auroc if not isinstance(auroc, float) else round(auroc, 4)}"
-                        f" ({format_duration(secs) if isinstance(secs, (int, float)) else '?'})")
+                        f"{round(auroc, 4) if isinstance(auroc, float) else auroc}"
+                        f" loss {_num(v.train_loss, '.4f')} {_num(v.images_per_s, ',.0f')} img/s"
+                        f" ({format_duration(secs) if isinstance(secs, (int, float)) else '?'};"
+                        f" ETA {format_duration(v.eta_seconds())})", table_too=False)
         self._changed = True
 
     def trial_finished(self, trial_id: str) -> None:
@@ -225,5 +313,3 @@ class SweepProgress(TrialProgressCallback):
 
     def on_experiment_end(self, trials, **info):
         self.maybe_status(force=True)
-
-
