@@ -89,6 +89,7 @@ class TrialRecord:
     task: str = ""                      # the task of a single-task trial ('' in multi mode)
     configuration: str = ""             # analysis.configuration key ('' = unknown: no config.json)
     config: dict | None = None          # the trial's config.json "config"
+    manifest_hash: str = ""             # the store it was trained on (config.json)
     in_current_grid: bool = True        # in the grid of the latest run of the sweep
     error: str = ""                     # the ledger's last error line
     result: dict | None = None          # result.json when finished
@@ -260,7 +261,8 @@ def _read_record(folder: SweepFolder, tid: str, point: dict | None, in_current: 
                          required=False)
         if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
             rec.config = doc["config"]
-            rec.configuration = configuration_key(rec.config, doc.get("manifest_hash"))
+            rec.manifest_hash = str(doc.get("manifest_hash") or "")
+            rec.configuration = configuration_key(rec.config, rec.manifest_hash)
         elif doc is not None:
             problems.append(Problem(storage.display(tf.config_path), "config.json holds no 'config'"))
         result = _read_json(tf.read_result, storage.display(tf.result_path), "result.json",
@@ -315,14 +317,9 @@ def _configurations(sweep: SweepFile | None, records: list[TrialRecord], main: s
         if not r.configuration:
             continue
         if r.configuration not in out:
-            doc_hash = None
-            try:
-                doc_hash = r.folder.read_config().get("manifest_hash")
-            except Exception:
-                pass
-            out[r.configuration] = Configuration(r.configuration,
-                                                 configuration_fields(r.config or {}, doc_hash),
-                                                 r.configuration == main)
+            out[r.configuration] = Configuration(
+                r.configuration, configuration_fields(r.config or {}, r.manifest_hash),
+                r.configuration == main)
         out[r.configuration].trial_ids.append(r.trial_id)
     reference = out[main].fields if main in out else {}
     for conf in out.values():

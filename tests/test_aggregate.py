@@ -20,6 +20,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from analysis import aggregate as agg
+from analysis import comparisons, tables
+from analysis.records import load_sweep
 from orchestrator import ledger
 from orchestrator.grid import build_grid
 from orchestrator.sweep import plan_trials, write_sweep_file
@@ -141,7 +143,7 @@ def full_sweep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_result(full_sweep, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("out") / "results")
-    summary = agg.aggregate(full_sweep.location, out_dir=out, bootstrap=200)
+    summary = agg.aggregate_sweep(full_sweep.location, results_dir=out, bootstrap=200)
     return summary, out
 
 
@@ -225,14 +227,16 @@ def test_paired_resolution_tests_find_the_planted_effect(full_result):
 def test_outputs_and_printable_table(full_sweep, full_result):
     summary, out = full_result
     for name in ("report.md", "report.html", "summary.json", "problems.csv", "incomplete.csv",
-                 "figures/auroc_vs_resolution.png", "figures/model_scaling.png",
-                 "summary_resolution.md", "model_scaling.md", "efficientnet.md"):
+                 "summary_resolution.md", "model_scaling.md", "efficientnet.md",
+                 "sweep_configurations.csv", "other_configurations.csv"):
         assert os.path.exists(os.path.join(out, name)), name
-    assert not os.path.exists(os.path.join(out, "figures/efficientnet.png"))
-    assert any("efficientnet.png" in s for s in summary.figures_skipped)
+    assert all(os.path.exists(os.path.join(out, f)) for f in summary.files)
+    assert any(f.startswith("figures/") and f.endswith(".png") for f in summary.files)
+    configurations = pd.read_csv(os.path.join(out, "sweep_configurations.csv"))
+    assert configurations[["main", "trials", "finished"]].values.tolist() == [[True, 12, 12]]
     assert summary.counts == {"finished": 12, "failed": 0, "running": 0, "pending": 0, "missing": 0}
     assert summary.problems == 0, pd.read_csv(os.path.join(out, "problems.csv"))
-    table = agg.results_table(full_sweep.location)
+    table = tables.results_table(load_sweep(full_sweep.location).trials)
     assert table == summary.table
     lines = table.splitlines()
     assert "160 px" in lines[0] and "480 px" in lines[0]
@@ -262,7 +266,7 @@ def test_partial_and_damaged_sweep_gives_a_partial_report(tmp_path):
     storage.write_json(storage.join(loc, "trials", "r999-resnet50-s0-multi-0123456789", "result.json"), {})
 
     out = str(tmp_path / "out")
-    summary = agg.aggregate(loc, out_dir=out)
+    summary = agg.aggregate_sweep(loc, results_dir=out)
     assert summary.counts == {"finished": 3, "failed": 2, "running": 0, "pending": 1, "missing": 0}
     trials = pd.read_csv(os.path.join(out, "trials.csv"))
     assert set(trials["trial_id"]) == {by[(160, 0)], by[(320, 0)], by[(320, 1)]}
@@ -287,7 +291,7 @@ def test_missing_trials_of_the_grid_are_named(tmp_path):
     gone = fake.trials[1].trial_id
     storage.delete(ledger.entry_location(fake.location, gone))
     storage.delete(ledger.trial_dir(fake.location, gone))
-    data = agg.load_sweep(fake.location)
+    data = load_sweep(fake.location)
     assert data.states[gone] == "missing" and data.counts()["missing"] == 1
     assert list(data.incomplete()["trial_id"]) == [gone]
 
@@ -295,7 +299,7 @@ def test_missing_trials_of_the_grid_are_named(tmp_path):
 def test_unreadable_sweep_json_still_aggregates_what_is_there(tmp_path):
     fake = fabricate_sweep(tmp_path, resolutions=(160,), models=("resnet50",), seeds=(0,))
     storage.write_bytes(storage.join(fake.location, "sweep.json"), b"[[[")
-    data = agg.load_sweep(fake.location)
+    data = load_sweep(fake.location)
     assert len(data.trials) == len(TASKS)
     assert any("sweep.json is unreadable" in p.what for p in data.problems)
 
@@ -303,13 +307,8 @@ def test_unreadable_sweep_json_still_aggregates_what_is_there(tmp_path):
 def test_cli_writes_the_report_and_rejects_a_bad_location(tmp_path, capsys):
     fake = fabricate_sweep(tmp_path, resolutions=(160, 240), models=("resnet50",), seeds=(0,),
                            name="clisweep")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert agg.main(["--sweep", fake.location, "--no-figures"]) == 0
-    finally:
-        os.chdir(cwd)
-    assert os.path.exists(tmp_path / "results" / "clisweep" / "report.html")
+    assert agg.main(["--sweep", fake.location, "--no-figures"]) == 0
+    assert os.path.exists(os.path.join(fake.location, "results", "report.html"))   # the default
     printed = capsys.readouterr().out
     assert "Atelectasis" in printed and "2 finished" in printed
     from common.cli import run_cli
@@ -323,9 +322,9 @@ def test_holm_family_is_per_task_and_comparison():
     rows = []
     for task, ps in ((FINE, [0.01, 0.02]), (COARSE, [0.04])):
         for p in ps:
-            rows.append({c: None for c in agg.TEST_COLUMNS} | {"comparison": "resolution",
+            rows.append({c: None for c in comparisons.TEST_COLUMNS} | {"comparison": "resolution",
                          "task_mode": "multi", "task": task, "p_value": p, "difference": 0.1})
-    df = agg._with_holm(rows)
+    df = comparisons.with_holm(rows)
     assert df["p_holm"].tolist() == pytest.approx([0.02, 0.02, 0.04])
 
 
@@ -354,20 +353,20 @@ def test_aggregate_reads_a_sweep_on_s3(tmp_path, monkeypatch):
                 key = "s3sweep/" + os.path.relpath(path, fake.location)
                 client.upload_file(path, "sweeps", key)
         loc = f"s3://sweeps/s3sweep?endpoint_override=127.0.0.1:{port}&scheme=http"
-        summary = agg.aggregate(loc, out_dir=str(tmp_path / "out"), figures=False, report=False)
+        summary = agg.aggregate_sweep(loc, results_dir=str(tmp_path / "out"), figures=False, report=False)
     finally:
         server.stop()
     assert summary.counts["finished"] == 2
-    local = agg.load_sweep(fake.location).trials
+    local = load_sweep(fake.location).trials
     remote = pd.read_parquet(tmp_path / "out" / "trials.parquet")
-    pd.testing.assert_frame_equal(local.drop(columns=["trial_task"]).reset_index(drop=True), remote,
+    pd.testing.assert_frame_equal(local.reset_index(drop=True), remote,
                                   check_dtype=False)
 
 
 def test_a_sweep_with_nothing_finished_gives_an_empty_report(tmp_path):
     fake = fabricate_sweep(tmp_path, resolutions=(160,), models=("resnet50",), seeds=(0, 1),
                            finished=lambda t: False)
-    summary = agg.aggregate(fake.location, out_dir=str(tmp_path / "out"))
+    summary = agg.aggregate_sweep(fake.location, results_dir=str(tmp_path / "out"))
     assert summary.counts["pending"] == 2 and summary.trials == 0
     assert summary.table == "no finished trials yet"
     assert summary.figures_skipped == ["all figures: no finished trial with an AUROC"]
@@ -382,12 +381,15 @@ def test_earlier_invocations_count_unless_superseded(tmp_path):
     base = fake.trials[0].config
     # Re-run with a smaller grid (seed 0 only): seed 1's finished trial still counts.
     write_sweep_file(fake.location, trials=[fake.trials[0]], base=base, **kwargs)
-    data = agg.load_sweep(fake.location)
+    data = load_sweep(fake.location)
     assert sorted(data.trials["seed"].unique()) == [0, 1] and data.problems == []
-    # Re-run with another configuration (new ids for the same points): the old trials are left out.
-    other = plan_trials(build_grid([160], ["resnet50"], [0, 1]),
-                        TrainConfig.from_dict({"lr_head": 1e-3}, base=base), "f" * 64)
-    write_sweep_file(fake.location, trials=other, base=base, **kwargs)
-    data = agg.load_sweep(fake.location)
+    # Re-run with another configuration (new ids for the same points): the old trials are listed
+    # as another configuration and left out; the new ones are missing.
+    other_base = TrainConfig.from_dict({"lr_head": 1e-3}, base=base)
+    other = plan_trials(build_grid([160], ["resnet50"], [0, 1]), other_base, "f" * 64)
+    write_sweep_file(fake.location, trials=other, base=other_base, **kwargs)
+    data = load_sweep(fake.location)
     assert data.trials.empty and data.counts()["missing"] == 2
-    assert sum("superseded" in p.what for p in data.problems) == 2
+    assert sum("another configuration" in p.what and "lr_head" in p.what
+               for p in data.problems) == 2
+    assert len(data.other_trials) == 2 * len(TASKS)
