@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import preprocessing
 from common import storage
 from common.cli import UserError, parse_int_list
+from preprocessing.datasets import DatasetOptions, add_dataset_arguments, load_labels, options_from_args
 from preprocessing.encoding import DEFAULT_ENCODING, ENCODINGS, PARQUET_COMPRESSION, encode_image
 from preprocessing.manifest import FORMAT_VERSION, manifest_hash, sha256_bytes
 from preprocessing.runner import run_in_process, run_on_ray
@@ -39,6 +40,13 @@ HELP = "Build the Parquet store: every resolution from one decode per image, as 
 EPILOG = """examples:
   python -m preprocessing build --image-root demo/phantom --csv demo/phantom/train.csv \\
       --csv demo/phantom/valid.csv --out demo/store
+  python -m preprocessing build --dataset nih --image-root /data/nih --csv /data/nih/Data_Entry_2017_v2020.csv \\
+      --csv /data/nih/train_val_list.txt --csv /data/nih/test_list.txt --views PA --out /data/nih-store
+  python -m preprocessing build --dataset mimic-cxr-jpg --image-root /data/mimic-cxr-jpg/2.0.0 \\
+      --csv mimic-cxr-2.0.0-chexpert.csv.gz --csv mimic-cxr-2.0.0-metadata.csv.gz \\
+      --csv mimic-cxr-2.0.0-split.csv.gz --tasks all --out /data/mimic-store
+  python -m preprocessing build --dataset csv --columns columns.yaml --image-root /data/mine \\
+      --csv labels.csv --out /data/mine-store
   python -m preprocessing build --image-root /data/chexpert --csv /data/chexpert/train.csv \\
       --csv /data/chexpert/valid.csv --out s3://bucket/stores/chexpert --address auto --strict
   python -m preprocessing build ... --resolutions 160,320 --policy Atelectasis=zeros --no-ray
@@ -113,7 +121,7 @@ def build_shard(spec: ShardSpec) -> dict:
     for i, row in enumerate(spec.rows):
         try:
             try:
-                data = storage.read_bytes(_image_location(spec.image_root, row["image_id"]))
+                data = storage.read_bytes(_image_location(spec.image_root, row.get("image_path", row["image_id"])))
             except (FileNotFoundError, IsADirectoryError):
                 raise ImageRejected("missing image file") from None
             except (storage.StorageError, OSError) as exc:
@@ -229,11 +237,10 @@ def plan_shards(rows: list[dict], out: str, image_root: str, resolutions: list[i
 
 # --- the whole build ----------------------------------------------------------------------
 
-def _load_labels(csvs, policy):
-    from preprocessing import labels  # the label stage (another module, same package)
-    if isinstance(policy, str):
-        policy = labels.parse_policy(policy)
-    return labels.read_labels(list(csvs), policy=policy)
+def _load_labels(csvs, policy, dataset: str = "chexpert", image_root: str | None = None, tasks=None,
+                 options: DatasetOptions | None = None):
+    """The dataset's adapter and its rows (preprocessing.datasets: every check before anything is written)."""
+    return load_labels(dataset, list(csvs), image_root=image_root, tasks=tasks, policy=policy, options=options)
 
 
 def _reject_dict(r) -> dict:
@@ -269,14 +276,15 @@ def _by_kind(degenerate: list[dict]) -> dict[str, int]:
     return dict(sorted(kinds.items()))
 
 
-def _dataset_info(image_root: str) -> tuple[str, dict | None]:
+def _dataset_info(image_root: str, layout: str) -> tuple[str, dict | None]:
+    """("phantom", its settings) for generated data (whatever its layout), else (layout, None)."""
     marker = _image_location(image_root, PHANTOM_MARKER)
     if storage.exists(marker):
         try:
             return "phantom", storage.read_json(marker)
         except ValueError:
             return "phantom", {"error": f"{PHANTOM_MARKER} is not valid JSON"}
-    return "chexpert", None
+    return layout, None
 
 
 def build_store(image_root: str, csvs: Iterable[str], out: str,
@@ -285,8 +293,14 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
                 num_cpus: int | None = None, strict: bool = False, progress: bool = True,
                 use_ray: bool = True, encoding: str = DEFAULT_ENCODING,
                 draft_factor: float | None = DEFAULT_DRAFT_FACTOR,
-                on_shard: Callable[[dict], None] | None = None) -> dict:
+                on_shard: Callable[[dict], None] | None = None, dataset: str = "chexpert",
+                tasks=None, dataset_options: DatasetOptions | None = None) -> dict:
     """Build (or finish) the store at ``out`` and return its manifest.
+
+    ``dataset`` names the label-table layout (preprocessing.datasets); ``tasks`` the labels to store
+    (None: the dataset's default tasks; 'all'; or names). Bad input (an unknown dataset or task, a
+    table missing columns, an image path outside the root, a patient in two splits) raises
+    UserError before anything is written.
 
     ``use_ray=False`` builds the shards one after another in this process (tests, debugging).
     ``draft_factor=None`` decodes every JPEG at full size (slower, bit-exact to the reference).
@@ -310,7 +324,8 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
         if not storage.exists(c):
             raise UserError(f"--csv: {c} does not exist")
 
-    labelset = _load_labels(csvs, policy)
+    options = dataset_options or DatasetOptions()
+    adapter, labelset = _load_labels(csvs, policy, dataset, image_root, tasks, options)
     tasks = list(labelset.tasks)
     rejects = [_reject_dict(r) for r in labelset.rejects]
     frame = labelset.frame
@@ -322,15 +337,18 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
 
     columns = [c for c in row_schema(tasks).names if c not in ("image", "height", "width")]
     rows = []
-    for rec in frame[columns + ["source_csv", "source_row"]].to_dict("records"):
+    for rec in frame[columns + ["image_path", "source_csv", "source_row"]].to_dict("records"):
         rec = {k: _json_value(v) for k, v in rec.items()}
         rec["source_csv"] = str(rec["source_csv"])
         rec["source_row"] = int(rec["source_row"])
-        if _escapes_root(image_root, rec["image_id"]):
-            rejects.append({"csv": rec["source_csv"], "row": rec["source_row"], "path": rec["image_id"],
-                            "reason": "path escapes the image root"})
-        else:
-            rows.append(rec)
+        if rec["image_path"] == rec["image_id"]:
+            del rec["image_path"]    # the common case; keeps shard keys as they were before adapters
+        if _escapes_root(image_root, rec.get("image_path", rec["image_id"])):
+            # Symlinks included: a store must never read files outside the root it was given.
+            raise UserError(f"{rec['source_csv']} row {rec['source_row']}: image path "
+                            f"{rec.get('image_path', rec['image_id'])!r} is outside --image-root "
+                            f"{image_root}; nothing written")
+        rows.append(rec)
     try:
         storage.makedirs(out)
         storage.check_writable(out)
@@ -374,10 +392,13 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
     # Assemble the manifest from the done-records, in plan order.
     ordered = [records[(s.split, s.index)] for s in specs]
     shards, converted, per_split, degenerate = [], {}, {}, []
-    for split in sorted({s.split for s in specs} | {split_of(r["path"], r["csv"]) for r in rejects}):
+    # Label-stage rejects have no split of their own: CheXpert's rule finds it in the Path, other
+    # layouts count them under "unassigned" (shard-stage rejects belong to their shard's split).
+    label_split = [split_of(r["path"], r["csv"]) if adapter.name == "chexpert" else "unassigned" for r in rejects]
+    for split in sorted({s.split for s in specs} | set(label_split)):
         per_split[split] = {"rows_in": 0, "stored": 0, "rejected": 0, "converted": 0}
-    for r in rejects:
-        per_split[split_of(r["path"], r["csv"])]["rejected"] += 1
+    for split in label_split:
+        per_split[split]["rejected"] += 1
     for record in ordered:
         rejects.extend(record["rejects"])
         split = record["split"]
@@ -408,16 +429,19 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
         raise UserError(f"no image could be stored: all {len(rejects)} rows rejected "
                         f"(see {storage.display(storage.join(out, REJECTS_NAME))})")
 
-    dataset, phantom = _dataset_info(image_root)
+    dataset_name, phantom = _dataset_info(image_root, adapter.name)
     manifest = {
         "format_version": FORMAT_VERSION,
         "tool_version": preprocessing.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "dataset": dataset,
+        "dataset": dataset_name,
+        "layout": adapter.name,
         "sources": dict(labelset.sources),
         "image_root": storage.display(image_root) if storage.is_remote(image_root) else os.path.abspath(image_root),
         "policy": dict(labelset.policy),
         "tasks": tasks,
+        "default_tasks": [t for t in adapter.default_tasks(options) if t in tasks] or tasks,
+        "dataset_options": options.as_dict(),
         "resolutions": resolutions,
         "encoding": encoding,
         "resize": {"mode": "L", "filter": "lanczos", "square": "squash (whole image, no crop)",
@@ -439,9 +463,10 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
 # --- command line -------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--image-root", required=True, help="folder the CSV Path column is relative to")
-    parser.add_argument("--csv", action="append", required=True, metavar="CSV",
-                        help="a CheXpert-format CSV (repeat for train.csv and valid.csv)")
+    parser.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    parser.add_argument("--csv", "--table", action="append", required=True, metavar="CSV",
+                        help="a label table of the dataset (repeat: CheXpert train.csv and valid.csv; NIH "
+                             "Data_Entry_2017.csv [train_val_list.txt test_list.txt]; MIMIC's three tables)")
     parser.add_argument("--out", required=True, help="store location: a path or s3://bucket/prefix[?endpoint_override=...]")
     parser.add_argument("--resolutions", default=",".join(map(str, DEFAULT_RESOLUTIONS)),
                         help="square output sizes, comma separated")
@@ -457,6 +482,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="build the shards in this process, one after another")
     parser.add_argument("--strict", action="store_true", help="fail (exit 2, no manifest) if any row is rejected")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataset_arguments(parser)
 
 
 def run(args) -> int:
@@ -466,12 +492,15 @@ def run(args) -> int:
                            shard_size=args.shard_size, address=args.address, num_cpus=args.num_cpus,
                            strict=args.strict, progress=not args.no_progress, use_ray=not args.no_ray,
                            encoding=args.encoding, draft_factor=args.draft_factor or None,
-                           on_shard=built_now.append)
+                           on_shard=built_now.append, dataset=args.dataset, tasks=args.tasks,
+                           dataset_options=options_from_args(args))
     counts = manifest["counts"]
     built = len(built_now)
     print(f"store {storage.display(args.out)} ({manifest['dataset']}"
           f"{', SYNTHETIC phantom data' if manifest['dataset'] == 'phantom' else ''}): "
           f"resolutions {','.join(map(str, manifest['resolutions']))}, encoding {manifest['encoding']}")
+    print(f"layout {manifest['layout']}; tasks {', '.join(manifest['tasks'])} "
+          f"(default {', '.join(manifest['default_tasks'])})")
     print(f"rows in {counts['rows_in']} = stored {counts['stored']} + rejected {counts['rejected']}"
           f" (converted {counts['converted']}); shards built {built}, reused "
           f"{len(manifest['shards']) // len(manifest['resolutions']) - built}")

@@ -63,6 +63,9 @@ class LabelSet:
     tasks: tuple[str, ...] = TASKS
 
 
+#: Reasons of the rows whose Path would leave the image root (refused outright by the build).
+ESCAPE_REASONS = ("Path contains '..' (escapes the image root)", "Path is absolute (escapes the image root)")
+
 #: Identity and view columns of ``LabelSet.frame``; ``raw_<key>``/``label_<key>`` follow per task.
 FRAME_COLUMNS = ("image_id", "study_id", "patient_id", "split", "view", "ap_pa", "source_csv", "source_row")
 
@@ -318,13 +321,73 @@ def read_labels(csv_paths, policy: Mapping[str, str] | str | None = None, tasks:
     })
     for t in tasks:
         rows[raw_column(t)] = np.concatenate([r[t] for r in raws])[keep]
+    return finish_labels(rows, tasks, policy, rejects=rejects, sources=sources, rows_in=rows_in)
 
+
+def finish_labels(rows: pd.DataFrame, tasks: tuple[str, ...], policy: Mapping[str, str] | str | None,
+                  rejects: list[Reject], sources: dict[str, str], rows_in: int) -> LabelSet:
+    """What every dataset adapter ends with: study-level raw values, then the policy per task.
+
+    ``rows`` holds ``FRAME_COLUMNS`` (plus ``image_path`` when the file is not at ``image_id``) and
+    ``raw_<key>`` per task; it is changed in place.
+    """
+    tasks = tuple(tasks)
+    policy = _resolve_policy(policy, tasks)
     conflicts = _unify_studies(rows, tasks)
     for t in tasks:
         rows[label_column(t)] = apply_policy(rows[raw_column(t)], policy[t])
-    columns = [*FRAME_COLUMNS, *[raw_column(t) for t in tasks], *[label_column(t) for t in tasks]]
-    return LabelSet(frame=rows[columns], rejects=rejects, conflicts=conflicts, sources=sources,
-                    rows_in=rows_in, policy=policy, tasks=tasks)
+    extra = ["image_path"] if "image_path" in rows.columns else []
+    columns = [*FRAME_COLUMNS, *extra, *[raw_column(t) for t in tasks], *[label_column(t) for t in tasks]]
+    return LabelSet(frame=rows[columns].reset_index(drop=True), rejects=rejects, conflicts=conflicts,
+                    sources=sources, rows_in=rows_in, policy=policy, tasks=tasks)
+
+
+def parse_label_values(values: pd.Series, name: str, column: str, first_row: int = 1) -> np.ndarray:
+    """Label cells (text) -> float32 1/0/-1/NaN, the CheXpert convention every adapter shares.
+
+    A value outside it is a ``LabelError`` naming the file, the 1-based data row and the column.
+    """
+    text = values.fillna("").astype(str).str.strip()
+    known = text.isin(list(_VALUE_TEXT))
+    if not known.all():
+        bad = np.flatnonzero(~known.to_numpy())
+        i = int(bad[0])
+        more = f" ({len(bad)} bad values in that column)" if len(bad) > 1 else ""
+        raise LabelError(f"{name}: row {i + first_row}, column {column!r}: value {text.iloc[i]!r} "
+                         f"is not 1.0, 0.0, -1.0 or blank{more}")
+    return text.map(_VALUE_TEXT).to_numpy(dtype="float32")
+
+
+def read_table(location: str, name: str, required: Iterable[str], what: str) -> tuple[pd.DataFrame, str]:
+    """A CSV (``.gz`` too, any storage location) as text columns, and the sha256 of its bytes.
+
+    ``required`` columns must all be present; a missing one is a ``LabelError`` naming them all and
+    ``what`` (the layout the adapter expects). Blank cells read as ''.
+    """
+    data, digest = _read_source(location)
+    text = _text(data, name)
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise LabelError(f"{name}: not a readable CSV: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise LabelError(f"{name}: missing column(s) {', '.join(map(repr, missing))} ({what})")
+    if frame.empty:
+        raise LabelError(f"{name}: empty table (a header but no data rows)")
+    return frame, digest
+
+
+def read_source(location: str, name: str) -> tuple[str, str]:
+    """Any text file of a dataset (a split list): its text and the sha256 of its bytes."""
+    data, digest = _read_source(location)
+    return _text(data, name), digest
+
+
+def source_names(locations) -> list[str]:
+    """Short names for the manifest and reject rows: the file name, the full location when two clash."""
+    return _source_names([str(p) for p in locations])
 
 
 def _unify_studies(rows: pd.DataFrame, tasks: tuple[str, ...]) -> list[dict]:

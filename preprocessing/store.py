@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from common import storage
 from common.cli import UserError
+from common.schema import TASKS
 from preprocessing.encoding import decode_image  # noqa: F401  (part of this module's API)
 from preprocessing.manifest import manifest_hash, read_manifest, verify_store
 
@@ -38,7 +39,22 @@ class Store:
 
     @property
     def tasks(self) -> list[str]:
+        """Every label the store holds (``raw_<key>`` / ``label_<key>`` columns), by the dataset's names."""
         return list(self.manifest["tasks"])
+
+    @property
+    def default_tasks(self) -> list[str]:
+        """What a trial trains on unless told: the dataset's default tasks among those stored.
+
+        Stores built before adapters existed are CheXpert's: the five protocol tasks."""
+        if "default_tasks" in self.manifest:
+            return list(self.manifest["default_tasks"])
+        return [t for t in TASKS if t in self.tasks] or self.tasks
+
+    @property
+    def layout(self) -> str:
+        """The label-table layout it was built from (preprocessing.datasets); 'chexpert' for old stores."""
+        return self.manifest.get("layout", "chexpert")
 
     @property
     def splits(self) -> list[str]:
