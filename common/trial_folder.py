@@ -13,6 +13,7 @@ file name is spelled once::
     checkpoints/best-<task_key>.pt   the weights of the best validation epoch per task so far
     result.json                      written last: its presence means "finished"
     log.txt                          the trial's log
+    error.txt                        the traceback of the last failed attempt (sweep trials)
 
 A trial's parameters (resolution, model, seed, ...) come from ``config.json`` only; nothing parses
 them back out of the trial id.
@@ -29,6 +30,7 @@ CONFIG = "config.json"
 EPOCHS = "epochs.jsonl"
 RESULT = "result.json"
 LOG = "log.txt"
+ERROR = "error.txt"
 PREDICTIONS_DIR = "predictions"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest.pt"
@@ -59,6 +61,11 @@ class TrialFolder:
     @property
     def log_path(self) -> str:
         return self.path(LOG)
+
+    @property
+    def error_path(self) -> str:
+        """The traceback of the last failed attempt (written by the sweep's trainable)."""
+        return self.path(ERROR)
 
     @property
     def latest_checkpoint(self) -> str:

@@ -1,20 +1,37 @@
 """The Ray Tune function trainable: one grid point -> ``trainer.train.run_trial`` on its own folder.
 
 Config in (what the sweep puts in the param space), flat metrics out (one ``tune.report`` per
-epoch). The trial folder ``STORAGE/SWEEP/trials/<trial_id>`` is the checkpoint: ``run_trial``
-continues from its newest checkpoint by itself, so a retry by ``FailureConfig`` or a re-run of the
-sweep needs no Tune checkpoint at all. Only ``ray.tune`` APIs are used (``ray.train.*`` inside a
-Tune function errors in Ray 2.60).
+epoch). The trial folder (``SweepFolder.trial``) is the checkpoint: ``run_trial`` continues from
+its newest checkpoint by itself, so a retry by ``FailureConfig`` or a re-run of the sweep needs no
+Tune checkpoint at all. Only ``ray.tune`` APIs are used (``ray.train.*`` inside a Tune function
+errors in Ray 2.60).
+
+How an attempt ends, in the ledger:
+
+* finished: ``result.json`` written.
+* failed, not retried: a deterministic error (a ``UserError``: configuration, store, weights,
+  data; or a full or read-only disk). The trial returns normally so Tune's ``max_failures`` does
+  not run it again to the same end; the message is in the ledger, the traceback in
+  ``TrialFolder.error_path``.
+* failed, retried: anything else (a worker or node lost, out of memory, a flaky network) is
+  re-raised for Tune to retry from the checkpoint.
+* interrupted: Ctrl-C or Tune stopping the actor (``KeyboardInterrupt`` / ``SystemExit``).
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import traceback
 from typing import Any, Callable
 
 from common import storage
+from common.cli import UserError
+from common.sweep_folder import SweepFolder
 from orchestrator import ledger
+
+#: OSError numbers that a retry of the same write cannot fix (free space or fix the mount first).
+STORAGE_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 TrialFn = Callable[..., dict]
 
@@ -59,13 +76,36 @@ def placement() -> dict[str, Any]:
             "gpu_ids": gpu_ids, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def epochs_on_storage(trial_dir: str) -> int:
-    """Finished epochs already recorded in the trial folder (0 for a fresh trial)."""
+def checkpoint_epoch(trial_dir: str) -> int:
+    """The epoch a trial folder's checkpoint holds (0: none), i.e. where run_trial continues."""
+    from trainer.checkpoint import resume_epoch
     try:
-        text = storage.read_bytes(storage.join(trial_dir, "epochs.jsonl")).decode()
-    except FileNotFoundError:
+        return resume_epoch(trial_dir)
+    except Exception:   # unreadable storage: the trainer itself will report it
         return 0
-    return sum(1 for line in text.splitlines() if line.strip())
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Errors a retry would only repeat: bad input (UserError) and full or read-only storage."""
+    if isinstance(exc, UserError):
+        return True
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: the exception's type and first line, or the storage cause under it."""
+    cause = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in STORAGE_FULL_ERRNOS:
+            where = f" ({cause.filename})" if getattr(cause, "filename", None) else ""
+            return f"{type(cause).__name__}: {os.strerror(cause.errno)}{where}"[:500]
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:500]
 
 
 def _flat_metrics(record: dict, trial_id: str) -> dict:
@@ -86,22 +126,44 @@ def make_trainable(trial_fn: str | TrialFn | None = None) -> Callable[[dict], No
         config = config.get("trial", config)   # the sweep grid-searches over whole trial specs
         trial_id = config["trial_id"]
         sweep_loc = config["sweep"]
-        folder = ledger.trial_dir(sweep_loc, trial_id)
+        trial_folder = SweepFolder(sweep_loc).trial(trial_id)
+        folder = trial_folder.location
         where = placement()
+        start_epoch = checkpoint_epoch(folder)
         ledger.mark_running(sweep_loc, trial_id, run_id=config["run_id"], node=where["node"],
                             gpu_ids=where["gpu_ids"],
                             cuda_visible_devices=where["cuda_visible_devices"],
                             node_id=where["node_id"],  # fake test nodes share one IP
-                            resumed_from_epoch=epochs_on_storage(folder))
+                            resumed_from_epoch=start_epoch)
+        first = []
+
+        def on_epoch(record: dict) -> None:
+            if not first:   # the trainer's own word on where it continued (a damaged latest.pt
+                first.append(record.get("epoch"))   # falls back to previous.pt, or starts over)
+                if isinstance(record.get("epoch"), int) and record["epoch"] - 1 != start_epoch:
+                    ledger.set_resumed_from(sweep_loc, trial_id, record["epoch"] - 1)
+            tune.report(_flat_metrics(record, trial_id))
+
         try:
             cfg = TrainConfig.from_dict(config["train_config"])
             fn = load_trial_fn(trial_fn)
-            result = fn(cfg, folder, on_epoch=lambda rec: tune.report(_flat_metrics(rec, trial_id)))
+            result = fn(cfg, folder, on_epoch=on_epoch)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            ledger.mark_interrupted(sweep_loc, trial_id, f"interrupted ({type(exc).__name__}: "
+                                                         f"the sweep was stopped)")
+            raise
         except BaseException as exc:
-            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            deterministic = is_deterministic(exc)
+            message = describe_error(exc) + (" (not retried: the same input fails the same way)"
+                                             if deterministic else "")
             ledger.mark_failed(sweep_loc, trial_id, message)
-            storage.write_bytes(storage.join(folder, "error.txt"),
-                                traceback.format_exc().encode())
+            try:
+                storage.write_bytes(trial_folder.error_path,
+                                    traceback.format_exc().encode())
+            except Exception:   # a full disk must not hide the error it caused
+                pass
+            if deterministic:
+                return   # a normal return: Tune's max_failures does not run it again
             raise
         ledger.mark_finished(sweep_loc, trial_id, ledger.result_summary(result))
 
