@@ -29,6 +29,14 @@ from typing import Any, Callable, Iterable, Mapping
 from common.cli import UserError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: ``common.cli.run_cli`` prints them as one line
+    (``prog: error: argument --seeds: '3-1' ...``) with exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
 def flag(name: str) -> str:
     """``lr_head`` -> ``--lr-head``."""
     return "--" + name.replace("_", "-")

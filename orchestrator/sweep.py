@@ -22,8 +22,8 @@ from typing import IO, Any, Sequence
 
 from common import storage
 from common.cli import UserError, run_cli
-from common.config_args import (add_config_arguments, apply_layers, config_from_args,
-                                env_values, find_config_file, read_toml)
+from common.config_args import (ArgumentParser, add_config_arguments, apply_layers,
+                                config_from_args, env_values, find_config_file, read_toml)
 from common.sweep_folder import SweepFile, SweepFolder
 from orchestrator.grid import Trial, TrialParams, build_grid, plan_trials   # noqa: F401 (API)
 from orchestrator.sweep_config import CONFIG_FILE, ENV_PREFIX, GRID_FIELDS, SweepConfig
@@ -242,14 +242,15 @@ def run_sweep(sweep: SweepConfig, train=None, callbacks: Sequence[Any] = (), *,
                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     task_axis = list(sweep.tasks or base.tasks)
     points = build_grid(sweep.resolutions, sweep.models, sweep.seeds, sweep.task_mode, task_axis)
+    trials = plan_trials(points, base, "")   # every trial's config is checked before the store
     if not sweep.dry_run:
         sweep.require_run_settings()
     store = None
     if sweep.store:
         needed = task_axis if sweep.task_mode == "single" else list(base.tasks)
-        store = open_and_check_store(sweep.store, sorted({p.resolution for p in points}),
+        store = open_and_check_store(sweep.store, sorted({t.params.resolution for t in trials}),
                                      sweep.verify_store, needed)
-    trials = plan_trials(points, base, store.manifest_hash if store else "")
+        trials = plan_trials(points, base, store.manifest_hash)
     ids = [t.trial_id for t in trials]
     folder = sweep.folder if sweep.storage and sweep.name else None
     result = SweepResult(sweep_loc=folder.location if folder else "", trial_ids=ids,
@@ -344,13 +345,12 @@ def _run_locked(sweep: SweepConfig, base, trials: list[Trial], callbacks, trial_
 # --- command line -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from trainer.config import TrainConfig
-    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep",
-                                usage="python -m orchestrator.sweep [init] [FLAGS]",
-                                description="Run every (resolution, model, seed[, task]) trial "
-                                            "of a grid on Ray Tune, one GPU each (small ones "
-                                            "packed), resumable from the trial ledger on storage.",
-                                epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m orchestrator.sweep",
+                       usage="python -m orchestrator.sweep [init] [FLAGS]",
+                       description="Run every (resolution, model, seed[, task]) trial of a grid on "
+                                   "Ray Tune, one GPU each (small ones packed), resumable from the "
+                                   "trial ledger on storage.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p.add_argument_group("the sweep"), SweepConfig)
     t = p.add_argument_group("training (every trial; the thesis protocol's defaults, docs/trainer.md)")
     t.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",

@@ -11,8 +11,8 @@ import io
 import pytest
 
 from orchestrator import ledger
-from orchestrator.sweep import run_sweep
-from test_sweep_helpers import FakeTrial, by_value, make_tiny_store, ray_env, refresh_ray_auth
+from test_sweep_helpers import (FakeTrial, by_value, make_tiny_store, ray_env, refresh_ray_auth,
+                               run_small_sweep)
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,14 @@ def _t(s: str) -> float:
 @pytest.mark.slow
 def test_trials_are_pinned_to_distinct_gpus(fake_gpu_cluster, tmp_path):
     import ray
-    store = make_tiny_store(tmp_path / "store", resolutions=(16, 24))
+    store = make_tiny_store(tmp_path / "store", resolutions=(32, 40))
     out = io.StringIO()
-    res = run_sweep(resolutions=[16, 24], models=["resnet18"], seeds=[0, 1, 2, 3], store=store,
-                    storage_loc=str(tmp_path / "sweeps"), name="gpus", address=fake_gpu_cluster.address,
-                    trial_fn=FakeTrial(epoch_seconds=1.5),
-                    config={"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none"},
-                    cpus_per_trial=1, gpus_per_trial=1, max_failures=0, progress_interval=0,
-                    aggregate=False, out=out)
+    res = run_small_sweep(store, tmp_path / "sweeps", "gpus", resolutions=(32, 40),
+                          models=("resnet18",), seeds=(0, 1, 2, 3),
+                          address=fake_gpu_cluster.address, trial_fn=FakeTrial(epoch_seconds=1.5),
+                          config={"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none"},
+                          cpus_per_trial=1, gpus_per_trial="1", max_failures=0,
+                          progress_interval=0.01, progress="lines", aggregate=False, out=out)
     assert not ray.is_initialized()   # the driver disconnected; the cluster is the fixture's
     text = out.getvalue()
     assert res.exit_code == 0, text

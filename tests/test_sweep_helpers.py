@@ -49,7 +49,7 @@ def refresh_ray_auth() -> None:
     _reset_token_cache()
 
 
-def make_tiny_store(root, resolutions=(16, 24, 32), n_train=4, n_valid=2) -> str:
+def make_tiny_store(root, resolutions=(32, 40, 48), n_train=4, n_valid=2) -> str:
     """A real (built, verifiable) store of a few noise images."""
     from preprocessing import build
     root = str(root)
@@ -75,6 +75,17 @@ def make_tiny_store(root, resolutions=(16, 24, 32), n_train=4, n_valid=2) -> str
     build.build_store(os.path.join(root, "src"), csvs, out, resolutions=list(resolutions),
                       use_ray=False, progress=False)
     return out
+
+
+def run_small_sweep(store, storage_loc, name, *, config=None, trial_fn=None, out=None,
+                    callbacks=(), **fields):
+    """``run_sweep`` with SweepConfig fields as keywords and ``config`` the TrainConfig values."""
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import SweepConfig
+    from trainer.config import TrainConfig
+    sweep = SweepConfig(store=str(store), storage=str(storage_loc), name=name, **fields)
+    return run_sweep(sweep, TrainConfig.from_dict(dict(config or {})), callbacks,
+                     trial_fn=trial_fn, out=out)
 
 
 def _det(*parts) -> float:

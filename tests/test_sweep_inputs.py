@@ -13,13 +13,22 @@ import pytest
 
 from common import storage
 from common.cli import UserError, run_cli
-from orchestrator import grid, sweep
+from orchestrator import grid, ray_run, sweep
+from orchestrator.sweep_config import SweepConfig
 from test_sweep_helpers import make_tiny_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_tiny_store(tmp_path_factory.mktemp("store"), resolutions=(16, 24))
+    return make_tiny_store(tmp_path_factory.mktemp("store"), resolutions=(32, 40))
+
+
+@pytest.fixture(autouse=True)
+def no_settings_file(tmp_path, monkeypatch):
+    """The command line reads cxr-sweep.toml and CXR_SWEEP_*: none of either here."""
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("CXR_SWEEP_")]:
+        monkeypatch.delenv(key)
 
 
 def cli(capsys, *argv):
@@ -30,7 +39,7 @@ def cli(capsys, *argv):
 
 def base_args(store, tmp_path, *extra):
     return ["--store", store, "--storage", str(tmp_path / "sweeps"), "--name", "bad",
-            "--resolutions", "16", "--models", "resnet18", "--seeds", "0", *extra]
+            "--resolutions", "32", "--models", "resnet18", "--seeds", "0", *extra]
 
 
 def closed_port() -> int:
@@ -41,22 +50,28 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize("extra, needle", [
     (["--models", "resnet18,notamodel"], "unknown model 'notamodel'"),
-    (["--resolutions", "16,abc"], "--resolutions: 'abc' is not an integer"),
-    (["--resolutions", "0"], "--resolutions: 0 is not positive"),
-    (["--resolutions", "-16"], "--resolutions: -16 is not positive"),
-    (["--resolutions", ","], "--resolutions: no values given"),
-    (["--models", ","], "--models: no values given"),
-    (["--seeds", ""], "--seeds: no seeds given"),
-    (["--seeds", "3-1"], "--seeds: range '3-1' is empty"),
-    (["--resolutions", "16,48"], "lacks resolution(s) 48"),
-    (["--task-mode", "single", "--tasks", "Cardiomegaly,Nope"], "--tasks: 'Nope' is not one of"),
+    (["--resolutions", "32,abc"], "argument --resolutions: 'abc' is not an integer"),
+    (["--resolutions", "0"], "resolution: need >= 32 px, got 0"),
+    (["--resolutions", "-32"], "resolution: need >= 32 px, got -32"),
+    (["--resolutions", ","], "the grid is empty"),
+    (["--models", ","], "the grid is empty"),
+    (["--seeds", ""], "the grid is empty"),
+    (["--seeds", "3-1"], "argument --seeds: range '3-1' is empty"),
+    (["--seeds", "-1"], "seed: must be >= 0, got -1"),
+    (["--resolutions", "32,48"], "lacks resolution(s) 48"),
+    (["--task-mode", "single", "--tasks", "Cardiomegaly,Nope"], "has no labels for Nope"),
+    (["--task-mode", "both"], "argument --task-mode: invalid choice: 'both'"),
     (["--name", "a/b"], "--name: 'a/b' is not a valid sweep name"),
     (["--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 must be 0, a fraction"),
     (["--gpus-per-trial", "half"], "--gpus-per-trial: 'half' is not a number or 'auto'"),
     (["--gpu-memory-gb", "0"], "--gpu-memory-gb: 0 is not positive"),
     (["--gpu-measurements", "/nonexistent/gpu_check.json"], "--gpu-measurements: cannot read"),
-    (["--cpus-per-trial", "0"], "--cpus-per-trial: 0.0 is not positive"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial: 0 is not positive"),
+    (["--max-failures", "-1"], "--max-failures: -1 is negative"),
+    (["--log", "tensorboard,nope"], "--log: 'nope' is not one of tensorboard, mlflow, wandb"),
     (["--lr-head", "-1"], "lr_head: must be positive"),
+    (["--lr-head", "fast"], "argument --lr-head: 'fast' is not a number"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_input_is_one_line_and_starts_nothing(capsys, store, tmp_path, extra, needle):
     code, err, _ = cli(capsys, *base_args(store, tmp_path), *extra)
@@ -72,16 +87,16 @@ def test_missing_and_corrupt_store(capsys, store, tmp_path):
     broken = str(tmp_path / "broken")
     shutil.copytree(store, broken)
     manifest = storage.read_json(os.path.join(broken, "manifest.json"))
-    shard = next(s for s in manifest["shards"] if s["resolution"] == 16)
+    shard = next(s for s in manifest["shards"] if s["resolution"] == 32)
     with open(os.path.join(broken, shard["path"]), "r+b") as f:
         f.seek(10)
         f.write(b"corrupt!")
     code, err, _ = cli(capsys, *base_args(broken, tmp_path))
-    assert code == 2 and "does not verify at 16 px" in err and shard["path"] in err
+    assert code == 2 and "does not verify at 32 px" in err and shard["path"] in err
     assert len(err.splitlines()) == 1
     assert not os.path.exists(tmp_path / "sweeps" / "bad" / "ledger")
     # a resolution the sweep does not use may be broken: only requested ones are verified
-    code, err, _ = cli(capsys, *base_args(broken, tmp_path, "--resolutions", "24", "--dry-run"))
+    code, err, _ = cli(capsys, *base_args(broken, tmp_path, "--resolutions", "40", "--dry-run"))
     assert code == 0, err
 
 
@@ -89,7 +104,8 @@ def test_unwritable_storage(capsys, store, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     code, err, _ = cli(capsys, "--store", store, "--storage", str(blocker / "sweeps"), "--name", "x",
-                       "--resolutions", "16", "--models", "resnet18", "--seeds", "0")
+                       "--resolutions", "32", "--models", "resnet18", "--seeds", "0",
+                       "--weights", "none")
     assert code == 2 and "is not writable" in err and len(err.splitlines()) == 1
 
 
@@ -110,38 +126,55 @@ def test_unreachable_cluster(capsys, store, tmp_path, monkeypatch):
 
 def test_empty_grid_from_the_api(store, tmp_path):
     with pytest.raises(UserError, match="the grid is empty"):
-        sweep.run_sweep(resolutions=[16], models=[], seeds=[0], store=store,
-                        storage_loc=str(tmp_path), name="e")
+        sweep.run_sweep(SweepConfig(resolutions=(32,), models=(), seeds=(0,), store=store,
+                                    storage=str(tmp_path), name="e"))
     with pytest.raises(UserError, match="the grid is empty"):
-        grid.build_grid([16], ["resnet18"], [], "multi")
+        grid.build_grid([32], ["resnet18"], [], "multi")
 
 
-def test_missing_required_flags(capsys, tmp_path):
+def test_missing_required_settings_say_how_to_set_them(capsys, store, tmp_path):
     code, err, _ = cli(capsys, "--storage", str(tmp_path), "--name", "x")
-    assert code == 2 and err.endswith("--store is required")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "no store: build one with python -m preprocessing build" in err and "--store" in err
+    code, err, _ = cli(capsys, "--store", store, "--name", "x")
+    assert code == 2 and "--storage is required to run" in err and "cxr-sweep.toml" in err
+    code, err, _ = cli(capsys, "--store", store, "--storage", str(tmp_path))
+    assert code == 2 and "--name is required to run" in err and "CXR_SWEEP_NAME" in err
+    assert not os.listdir(tmp_path)
 
 
-def test_grid_and_ids():
+def test_grid_only_enumerates_and_one_trial_has_one_id():
+    from trainer.config import TrainConfig
     points = grid.build_grid([160, 320], seeds=[0, 1])
     assert len(points) == 2 * 5 * 2
-    assert {p.model for p in points if p.resolution == 320} >= {"efficientnet-b3", "resnet50"}
-    assert {p.model for p in points if p.resolution == 160} >= {"efficientnet-b0"}
-    single = grid.build_grid([160], ["resnet50"], [0], "single", ["Edema", "Cardiomegaly"])
-    assert [p.task for p in single] == ["Edema", "Cardiomegaly"]
-    from trainer.config import TrainConfig
+    assert {p.model for p in points} == set(SweepConfig().models)   # aliases as given
     base = TrainConfig(store="/a")
-    a = grid.trial_id(points[0], base, "m" * 64)
-    assert a == grid.trial_id(points[0], TrainConfig(store="/elsewhere", workers=3), "m" * 64)
+    trials = grid.plan_trials(points, base, "m" * 64)
+    assert {t.params.model for t in trials if t.params.resolution == 320} >= {"efficientnet-b3", "resnet50"}
+    assert {t.params.model for t in trials if t.params.resolution == 160} >= {"efficientnet-b0"}
+    # the alias and its variant are one trial, with the id the trainer's own config gives it
+    both = grid.plan_trials(grid.build_grid([320], ["efficientnet", "efficientnet-b3"], [0]), base,
+                            "m" * 64)
+    assert len(both) == 1
+    alone = TrainConfig(store="/elsewhere", model="efficientnet", resolution=320)
+    assert both[0].trial_id == alone.trial_id("m" * 64)
+    single = grid.plan_trials(grid.build_grid([160], ["resnet50"], [0], "single",
+                                              ["Edema", "Cardiomegaly"]), base, "m" * 64)
+    assert [t.params.task for t in single] == ["Edema", "Cardiomegaly"]
+    assert single[0].trial_id.startswith("r160-resnet50-s0-single-edema-")
+    a = trials[0].trial_id
     assert a.startswith("r160-resnet50-s0-multi-") and len(a.rsplit("-", 1)[1]) == 10
-    assert a != grid.trial_id(points[0], TrainConfig(store="/a", lr_head=1e-3), "m" * 64)
-    assert a != grid.trial_id(points[0], base, "n" * 64)       # another store content
-    tid = grid.trial_id(single[0], base, "m" * 64)
-    assert tid.startswith("r160-resnet50-s0-single-edema-")
-    assert grid.parse_seeds("0-2,7,1") == [0, 1, 2, 7]
+    again = grid.plan_trials(points[:1], TrainConfig(store="/elsewhere", workers=3), "m" * 64)
+    assert again[0].trial_id == a
+    assert grid.plan_trials(points[:1], TrainConfig(store="/a", lr_head=1e-3), "m" * 64)[0].trial_id != a
+    assert grid.plan_trials(points[:1], base, "n" * 64)[0].trial_id != a   # another store content
+    assert not hasattr(grid, "trial_id")
+    from orchestrator.sweep_config import parse_seeds
+    assert parse_seeds("0-2,7,1") == (0, 1, 2, 7)
 
 
 def test_dry_run_prints_grid_and_estimate(capsys, store, tmp_path):
-    code, err, out = cli(capsys, *base_args(store, tmp_path, "--resolutions", "16,24", "--seeds",
+    code, err, out = cli(capsys, *base_args(store, tmp_path, "--resolutions", "32,40", "--seeds",
                                             "0-1", "--dry-run"))
     assert code == 0, err
     assert "4 trials: 0 finished, 4 to run" in out
@@ -178,40 +211,42 @@ def test_progress_view_counts_and_eta():
 
 
 def test_estimate_table_matches_the_anchors():
-    from orchestrator import estimate
+    from orchestrator import estimate, throughput
     # the published anchor: ResNet50 2,470 img/s at 224 px on an A100, x1.8 for an H100, ~1/pixels
-    assert estimate.images_per_s("resnet50", 224) == pytest.approx(2470 * 1.8)
-    assert estimate.images_per_s("resnet50", 448) == pytest.approx(2470 * 1.8 / 4)
-    assert estimate.images_per_s("densenet121", 160) / estimate.images_per_s("resnet50", 160) == \
+    assert throughput.images_per_s("resnet50", 224) == pytest.approx(2470 * 1.8)
+    assert throughput.images_per_s("resnet50", 448) == pytest.approx(2470 * 1.8 / 4)
+    assert throughput.images_per_s("densenet121", 160) / throughput.images_per_s("resnet50", 160) == \
         pytest.approx(0.735, abs=0.01)
-    e = estimate.estimate([("resnet50", 224)], epochs=2, train_images=4446, valid_images=0)
+    e = estimate.estimate([("resnet50", 224)], epochs=2, train_images=4446, valid_images=0,
+                          measured={})
     assert e.gpu_hours == pytest.approx(2 / 3600)
+    assert e.per_group[("resnet50", 224)]["source"] == "table"
 
 
 def test_dry_run_shows_the_packing_plan(capsys, store, tmp_path):
     import json
-    args = base_args(store, tmp_path, "--resolutions", "16,24", "--dry-run", "--gpu-memory-gb", "80")
+    args = base_args(store, tmp_path, "--resolutions", "32,40", "--dry-run", "--gpu-memory-gb", "80")
     code, err, out = cli(capsys, *args)          # default: --gpus-per-trial auto
     assert code == 0, err
     assert "GPU packing (--gpus-per-trial auto, 80 GB per GPU" in out
-    assert "r16 resnet18: 1/4 GPU" in out and "(GPU memory: --gpu-memory-gb" in out
+    assert "r32 resnet18: 1/4 GPU" in out and "(GPU memory: --gpu-memory-gb" in out
     assert "GPU share" in out and "1/4" in out.split("GPU share", 1)[1]
     # a measured table overrides the estimate: this config fills the GPU, so it gets one whole
     report = {"device_type": "cuda", "started": "2026-11-26", "env": {"device_name": "fake"},
-              "configs": {"results": [{"model": "resnet18", "resolution": 24, "cuda_graphs": True,
+              "configs": {"results": [{"model": "resnet18", "resolution": 40, "cuda_graphs": True,
                                        "synthetic": {"images_per_s": 1.0, "busy_share": 0.99,
                                                      "peak_memory_reserved_bytes": 10**9}}]}}
     (tmp_path / "m.json").write_text(json.dumps(report))
     code, err, out = cli(capsys, *args, "--gpu-measurements", str(tmp_path / "m.json"))
     assert code == 0, err
-    assert "r24 resnet18: 1 GPU" in out and "measured: fake" in out and "r16 resnet18: 1/4 GPU" in out
+    assert "r40 resnet18: 1 GPU" in out and "measured: fake" in out and "r32 resnet18: 1/4 GPU" in out
     # ... and its measured rate replaces the throughput table in the GPU-hours estimate
     assert "1 of 2 groups at their measured img/s" in out
     # with --cuda-graphs off the trials run eagerly: the graphed measurement no longer applies
     code, err, out = cli(capsys, *args, "--gpu-measurements", str(tmp_path / "m.json"),
                          "--cuda-graphs", "off")
     assert code == 0, err
-    assert "measured: fake" not in out and "from the throughput table" in out
+    assert "measured: fake" not in out and "0 of 2 groups at their measured img/s" in out
     # explicit 1: no packing plan, every trial one GPU
     code, err, out = cli(capsys, *base_args(store, tmp_path, "--dry-run", "--gpus-per-trial", "1"))
     assert code == 0, err
@@ -219,7 +254,7 @@ def test_dry_run_shows_the_packing_plan(capsys, store, tmp_path):
 
 
 def test_gpu_request_decision():
-    decide = sweep.gpu_request_decision
+    decide = ray_run.gpu_request_decision
     # GPUs present: always requested, nothing to say
     for mode in ("embedded", "existing", "cluster"):
         assert decide(mode, 4, "auto", False, 2) == (True, None)
@@ -248,16 +283,16 @@ def test_gpu_request_decision():
 def test_gpu_memory_and_per_trial_estimate(monkeypatch):
     from orchestrator import estimate, packing
     monkeypatch.setattr(packing, "detect_gpu_memory_gb", lambda: None)
-    assert sweep.resolve_gpu_memory(24.0, None) == (24.0, "--gpu-memory-gb")
+    assert ray_run.resolve_gpu_memory(24.0, None) == (24.0, "--gpu-memory-gb")
     nodes = [{"Alive": True, "Resources": {"CPU": 4}},
              {"Alive": True, "Resources": {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1}},
              {"Alive": True, "Resources": {"CPU": 192, "GPU": 8, "accelerator_type:H100": 1}},
              {"Alive": False, "Resources": {"GPU": 1, "accelerator_type:T4": 1}}]
-    assert sweep.resolve_gpu_memory(None, nodes)[0] == 24.0          # the smallest alive GPU
-    gb, source = sweep.resolve_gpu_memory(None, nodes[:1])
-    assert gb == sweep.FALLBACK_GPU_MEMORY_GB and "--gpu-memory-gb" in source
+    assert ray_run.resolve_gpu_memory(None, nodes)[0] == 24.0          # the smallest alive GPU
+    gb, source = ray_run.resolve_gpu_memory(None, nodes[:1])
+    assert gb == ray_run.FALLBACK_GPU_MEMORY_GB and "--gpu-memory-gb" in source
     monkeypatch.setattr(packing, "detect_gpu_memory_gb", lambda: 141.0)
-    assert sweep.resolve_gpu_memory(None, nodes[:1])[0] == 141.0
+    assert ray_run.resolve_gpu_memory(None, nodes[:1])[0] == 141.0
     # GPU-hours use each trial's share
     one = estimate.estimate([("resnet50", 160)], 2, 1000, 0).gpu_hours
     mixed = estimate.estimate([("resnet50", 160), ("resnet50", 160)], 2, 1000, 0, [0.25, 1.0])

@@ -12,8 +12,8 @@ import pytest
 
 from common import storage
 from orchestrator import ledger
-from orchestrator.sweep import run_sweep
-from test_sweep_helpers import FakeTrial, local_ray, make_tiny_store, read_jsonl, stable_result
+from test_sweep_helpers import (FakeTrial, local_ray, make_tiny_store, read_jsonl,
+                               run_small_sweep, stable_result)
 
 FAST = {"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none"}
 
@@ -29,13 +29,13 @@ def store(tmp_path_factory):
     return make_tiny_store(tmp_path_factory.mktemp("store"))
 
 
-def sweep(store, storage_loc, name, *, resolutions=(16, 24), seeds=(0,), fake=None, **kw):
+def sweep(store, storage_loc, name, *, resolutions=(32, 40), seeds=(0,), fake=None, **kw):
     out = io.StringIO()
     kw.setdefault("config", dict(FAST))
-    res = run_sweep(resolutions=list(resolutions), models=["resnet18"], seeds=list(seeds),
-                    store=store, storage_loc=str(storage_loc), name=name,
-                    trial_fn=fake or FakeTrial(), cpus_per_trial=1, gpus_per_trial=1,
-                    progress_interval=0, aggregate=False, out=out, **kw)
+    res = run_small_sweep(store, storage_loc, name, resolutions=resolutions, models=("resnet18",),
+                          seeds=seeds, trial_fn=fake or FakeTrial(), cpus_per_trial=1,
+                          gpus_per_trial="1", progress_interval=0.01, progress="lines",
+                          aggregate=False, out=out, **kw)
     return res, out.getvalue()
 
 
@@ -59,21 +59,21 @@ def test_run_rerun_extend_and_new_ids(ray_shared, store, tmp_path):
     assert {e["state"] for e in entries.values()} == {"finished"}
     assert all(e["attempts"] == 1 and e["result"]["epochs"] == 2 for e in entries.values())
     for tid in res.trial_ids:
-        assert tid.startswith(("r16-resnet18-s", "r24-resnet18-s")) and "-multi-" in tid
+        assert tid.startswith(("r32-resnet18-s", "r40-resnet18-s")) and "-multi-" in tid
         assert storage.exists(storage.join(res.sweep_loc, "trials", tid, "result.json"))
     doc = storage.read_json(storage.join(res.sweep_loc, "sweep.json"))
-    assert sorted(doc["trial_ids"]) == sorted(res.trial_ids) and doc["grid"]["resolutions"] == [16, 24]
+    assert sorted(doc["trial_ids"]) == sorted(res.trial_ids) and doc["grid"]["resolutions"] == [32, 40]
     before = attempts(res.sweep_loc)
 
-    # the same command again (and --resume) runs nothing
+    # the same command again runs nothing
     again, text = sweep(store, tmp_path, "s1", seeds=(0, 1))
     assert again.ran == [] and sorted(again.skipped_finished) == sorted(res.trial_ids)
     assert attempts(res.sweep_loc) == before
 
     # one more resolution: only its trials run
-    more, _ = sweep(store, tmp_path, "s1", resolutions=(16, 24, 32), seeds=(0, 1))
+    more, _ = sweep(store, tmp_path, "s1", resolutions=(32, 40, 48), seeds=(0, 1))
     new = set(more.trial_ids) - set(res.trial_ids)
-    assert len(new) == 2 and all(t.startswith("r32-") for t in new) and set(more.ran) == new
+    assert len(new) == 2 and all(t.startswith("r48-") for t in new) and set(more.ran) == new
     after = attempts(res.sweep_loc)
     assert {t: after[t] for t in before} == before
 
@@ -88,10 +88,10 @@ def test_run_rerun_extend_and_new_ids(ray_shared, store, tmp_path):
 
 
 def test_retry_within_run_resumes_from_checkpoint(ray_shared, store, tmp_path, monkeypatch):
-    fake = FakeTrial(fail={"r16-": 1}, marker_dir=str(tmp_path))
+    fake = FakeTrial(fail={"r32-": 1}, marker_dir=str(tmp_path))
     # relative locations work although Ray workers run in another working directory
     monkeypatch.chdir(tmp_path)
-    res, text = sweep(os.path.relpath(store), "sweeps", "retry", resolutions=(16,), fake=fake,
+    res, text = sweep(os.path.relpath(store), "sweeps", "retry", resolutions=(32,), fake=fake,
                       max_failures=1)
     assert res.sweep_loc == str(tmp_path / "sweeps" / "retry")
     assert res.exit_code == 0
@@ -107,9 +107,9 @@ def test_retry_within_run_resumes_from_checkpoint(ray_shared, store, tmp_path, m
 
 
 def test_failed_sweep_rerun_finishes_only_that_trial_exactly(ray_shared, store, tmp_path):
-    fake = FakeTrial(fail={"r24-": 1}, marker_dir=str(tmp_path))
+    fake = FakeTrial(fail={"r40-": 1}, marker_dir=str(tmp_path))
     res, text = sweep(store, tmp_path, "fail", fake=fake, max_failures=0)
-    assert res.exit_code == 1 and len(res.failed) == 1 and res.failed[0].startswith("r24-")
+    assert res.exit_code == 1 and len(res.failed) == 1 and res.failed[0].startswith("r40-")
     assert "FAILED" in text and "re-run the same command" in text
     failed = res.failed[0]
     assert ledger.read_entry(res.sweep_loc, failed)["state"] == "failed"
@@ -120,26 +120,26 @@ def test_failed_sweep_rerun_finishes_only_that_trial_exactly(ray_shared, store, 
     after = attempts(again.sweep_loc)
     assert after[failed] == 2 and all(after[t] == before[t] for t in before if t != failed)
     resumed = stable_result(storage.read_json(storage.join(res.sweep_loc, "trials", failed, "result.json")))
-    assert resumed == stable_result(uninterrupted(store, tmp_path, resolution=24))
+    assert resumed == stable_result(uninterrupted(store, tmp_path, resolution=40))
 
 
 def test_interrupted_running_entry_is_resumed(ray_shared, store, tmp_path):
     """A 'running' entry left by a dead driver continues from its folder's newest checkpoint."""
     from trainer.config import TrainConfig
-    plan, _ = sweep(store, tmp_path, "int", resolutions=(16,), dry_run=True)
+    plan, _ = sweep(store, tmp_path, "int", resolutions=(32,), dry_run=True)
     (tid,) = plan.trial_ids
-    cfg = TrainConfig.from_dict({**FAST, "store": store, "model": "resnet18", "resolution": 16})
+    cfg = TrainConfig.from_dict({**FAST, "store": store, "model": "resnet18", "resolution": 32})
     folder = storage.join(plan.sweep_loc, "trials", tid)
     with pytest.raises(RuntimeError):   # a worker that died after epoch 1
         FakeTrial(fail={tid: 1}, marker_dir=str(tmp_path))(cfg, folder)
-    ledger.register(plan.sweep_loc, tid, {"resolution": 16}, "dead-driver")
+    ledger.register(plan.sweep_loc, tid, {"resolution": 32}, "dead-driver")
     ledger.mark_running(plan.sweep_loc, tid, run_id="dead-driver", node="x", gpu_ids=[],
                         cuda_visible_devices=None)
-    res, _ = sweep(store, tmp_path, "int", resolutions=(16,))
+    res, _ = sweep(store, tmp_path, "int", resolutions=(32,))
     assert res.ran == [tid] and res.exit_code == 0
     runs = read_jsonl(storage.join(folder, "executions.jsonl"))
     assert [r["epoch"] for r in runs] == [1, 2]
     entry = ledger.read_entry(res.sweep_loc, tid)
     assert entry["attempts"] == 2 and entry["history"][-1]["resumed_from_epoch"] == 1
     assert stable_result(storage.read_json(storage.join(folder, "result.json"))) == stable_result(
-        uninterrupted(store, tmp_path, resolution=16))
+        uninterrupted(store, tmp_path, resolution=32))
