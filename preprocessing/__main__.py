@@ -13,7 +13,7 @@ from common.cli import HelpFormatter, run_cli
 
 SUBCOMMANDS = {
     "stats": "preprocessing.stats",
-    "phantom": "preprocessing.phantom",
+    "phantom": "preprocessing.phantom_cli",
     "build": "preprocessing.build",
     "verify": "preprocessing.verify",
     "bench": "bench.store_bench",   # the store benchmark lives with the other benchmarks

@@ -1,4 +1,5 @@
-"""``python -m preprocessing phantom``: a synthetic chest-radiograph dataset in the exact CheXpert layout.
+"""A synthetic chest-radiograph dataset, in CheXpert's layout or any other the store reads
+(preprocessing.phantom_layouts); its command line is ``python -m preprocessing phantom``.
 
 It is the demo and test data, and it answers the resolution question by construction: each task's
 pixel evidence lives in a known band of spatial frequencies, measured in cycles per image extent
@@ -23,39 +24,34 @@ downscaled mean brightness leaks the label. All geometry is defined in normalise
 so smaller source images (``--min-size``/``--max-size``) keep the same answer as long as they hold
 the finest band (>= 600 px; below that a warning is printed and kept in phantom.json).
 
-Every output says it is synthetic: ``phantom.json`` next to the CSVs (``"synthetic": true``), a JPEG
-comment in every image, the ``CheXpert-phantom`` folder in every ``Path``, and the banner of
+Films also carry burned-in text, a laterality marker and collimation edges (preprocessing.film_marks),
+drawn independently of the labels, because real films do and the store's decode must cope with them.
+
+Every output says it is synthetic: ``phantom.json`` next to the tables (``"synthetic": true``), a
+comment in every image, the ``CheXpert-phantom`` folder in every CheXpert ``Path``, and the banner of
 ``python -m preprocessing stats``.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from common import storage
-from preprocessing import __version__
 from common.cli import UserError
-from common.schema import META_COLUMNS, OBSERVATIONS, TASKS
+from common.schema import OBSERVATIONS, TASKS
+from preprocessing import __version__
+from preprocessing.film_marks import add_film_marks
+from preprocessing.phantom_layouts import LAYOUTS, TABLES, layout_files, layout_tables
 
-HELP = "Write a synthetic CheXpert-layout dataset (CSVs + grayscale JPEGs) whose labels live in the pixels"
-EPILOG = """examples:
-  python -m preprocessing phantom --out demo/phantom --studies 200
-  python -m preprocessing phantom --out /tmp/tiny --studies 12 --min-size 600 --max-size 700 --seed 1
-  python -m preprocessing phantom --visibility          # how much of each finding survives 160..480 px
-
-Writes OUT/train.csv, OUT/valid.csv, OUT/phantom.json and OUT/CheXpert-phantom/{train,valid}/
-patientNNNNN/studyN/viewK_{frontal,lateral}.jpg; the image root for `build` is OUT.
-The same arguments give the same bytes (same numpy/Pillow/libjpeg).
-"""
 
 PREFIX = "CheXpert-phantom"
 MARKER = "phantom.json"
@@ -107,6 +103,7 @@ class ImageSpec:
     seed: list  # entropy for this image's generator
     patient_seed: list  # entropy shared by the patient's images (anatomy)
     findings: dict = field(default_factory=dict)  # task -> severity in (0, 1]; absent tasks missing
+    marks: bool = True  # burned-in text, laterality marker, collimation (preprocessing.film_marks)
 
 
 # --- planning: patients, studies, labels (cheap, from one generator) ----------------------------------
@@ -136,7 +133,7 @@ def _size(rng, min_size: int, max_size: int, square: bool) -> tuple[int, int]:
 
 
 def plan_phantom(studies: int, seed: int, valid_fraction: float = 0.2, min_size: int = 1000,
-                 max_size: int = 3000, square: bool = False, prefix: str = PREFIX):
+                 max_size: int = 3000, square: bool = False, prefix: str = PREFIX, film_marks: bool = True):
     """CSV rows per split and the image specs, all decided by ``seed``."""
     rng = np.random.default_rng([seed, 0])
     n_valid = min(studies - 1, max(1, round(studies * valid_fraction))) if studies > 1 else 0
@@ -176,7 +173,7 @@ def plan_phantom(studies: int, seed: int, valid_fraction: float = 0.2, min_size:
                                         *[labels[o] for o in OBSERVATIONS]])
                     specs.append(ImageSpec(path=path, width=width, height=height, view=view,
                                            seed=[seed, 1, patient, s, v], patient_seed=[seed, 2, patient],
-                                           findings=dict(findings)))
+                                           findings=dict(findings), marks=film_marks))
     return rows, specs
 
 
@@ -400,7 +397,8 @@ def render_image(spec: ImageSpec) -> np.ndarray:
     noise += pair[1]
     noise -= np.float32(255.0)
     image += noise * np.float32(sigma * math.sqrt(6) / 255.0)
-    return np.clip(image, 0, 255).astype(np.uint8)
+    pixels = np.clip(image, 0, 255).astype(np.uint8)
+    return add_film_marks(pixels, spec.seed) if spec.marks else pixels
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
@@ -409,26 +407,33 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def encode_png(pixels: np.ndarray) -> bytes:
+    """NIH ships PNGs; the phantom's carry the same synthetic-data comment as its JPEGs."""
+    info = PngInfo()
+    info.add_text("Comment", JPEG_COMMENT.decode())
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, "PNG", pnginfo=info, compress_level=1)
+    return buf.getvalue()
+
+
 def _write_image(job) -> int:
-    out, spec, quality = job
-    data = encode_jpeg(render_image(spec), quality)
-    storage.write_bytes(os.path.join(out, spec.path), data)
+    out, spec, quality, path, fmt = job
+    pixels = render_image(spec)
+    data = encode_png(pixels) if fmt == "PNG" else encode_jpeg(pixels, quality)
+    storage.write_bytes(os.path.join(out, path), data)
     return len(data)
 
 
 # --- the dataset -----------------------------------------------------------------------------------------
-def _csv_bytes(rows) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*META_COLUMNS, *OBSERVATIONS])
-    writer.writerows(rows)
-    return buf.getvalue().encode()
 
 
 def make_phantom(out: str, studies: int = 200, seed: int = 0, valid_fraction: float = 0.2,
                  min_size: int = 1000, max_size: int = 3000, square: bool = False, quality: int = 95,
-                 workers: int = 1, overwrite: bool = False, progress: bool = False) -> dict:
-    """Write the phantom into ``out`` (the image root) and return what phantom.json holds."""
+                 workers: int = 1, overwrite: bool = False, progress: bool = False, layout: str = "chexpert",
+                 film_marks: bool = True) -> dict:
+    """Write the phantom into ``out`` (the image root) in ``layout`` and return what phantom.json holds."""
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if studies < 2:
         raise UserError(f"--studies: {studies} is too few (need at least 2: one train, one valid)")
     if not 0 < valid_fraction < 1:
@@ -444,14 +449,16 @@ def make_phantom(out: str, studies: int = 200, seed: int = 0, valid_fraction: fl
         if not os.path.exists(os.path.join(out, MARKER)):
             raise UserError(f"--out: {out} holds files that are not a phantom (no {MARKER}); refusing to overwrite")
         os.remove(os.path.join(out, MARKER))
-        shutil.rmtree(os.path.join(out, PREFIX), ignore_errors=True)
+        for name in os.listdir(out):   # an earlier phantom, whatever its layout
+            full = os.path.join(out, name)
+            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
     warnings = []
     if min_size < FINE_MIN_SOURCE:
         warnings.append(f"images smaller than {FINE_MIN_SOURCE} px cannot hold the finest findings "
                         f"(up to 215 cycles per image): fine findings above {FINE_MAX_CYCLES} x the size "
                         f"are left out, so the resolution answer of docs/data.md does not hold")
-    rows, specs = plan_phantom(studies, seed, valid_fraction, min_size, max_size, square)
-    jobs = [(out, s, quality) for s in specs]
+    rows, specs = plan_phantom(studies, seed, valid_fraction, min_size, max_size, square, film_marks=film_marks)
+    jobs = [(out, spec, quality, path, fmt) for spec, path, fmt in layout_files(layout, specs)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -467,105 +474,25 @@ def make_phantom(out: str, studies: int = 200, seed: int = 0, valid_fraction: fl
             total_bytes += _write_image(job)
             bar and bar.update()
     bar and bar.close()
-    # CSVs and the marker last: a crash leaves no CSV pointing at images that were never written.
-    for split in ("train", "valid"):
-        storage.write_bytes(os.path.join(out, f"{split}.csv"), _csv_bytes(rows[split]))
+    # Tables and the marker last: a crash leaves no table pointing at images that were never written.
+    for name, data in layout_tables(layout, rows, specs).items():
+        storage.write_bytes(os.path.join(out, name), data)
     info = {
         "synthetic": True,
         "note": "SYNTHETIC PHANTOM DATA generated by `python -m preprocessing phantom`; not CheXpert, "
                 "not patient images. Labels follow the task design below (docs/data.md).",
         "generator": "preprocessing.phantom", "tool_version": __version__,
         "settings": {"studies": studies, "seed": seed, "valid_fraction": valid_fraction, "min_size": min_size,
-                     "max_size": max_size, "square": square, "quality": quality, "prefix": PREFIX},
+                     "max_size": max_size, "square": square, "quality": quality, "prefix": PREFIX,
+                     "layout": layout, "film_marks": film_marks},
+        "tables": list(TABLES[layout]),     # pass each as --csv to build/stats, with --dataset LAYOUT
         "tasks": TASK_DESIGN,
         "truth_if_uncertain": P_TRUE_IF_UNCERTAIN, "truth_if_blank": P_TRUE_IF_BLANK,
-        "counts": {split: {"images": len(r), "studies": len({x[0].rsplit('/', 1)[0] for x in r})}
+        "counts": {split: {"images": sum(1 for job in jobs if f"/{split}/" in job[1].path),
+                           "studies": len({x[0].rsplit('/', 1)[0] for x in r})}
                    for split, r in rows.items()},
         "jpeg_bytes": total_bytes,
         "warnings": warnings,
     }
     storage.write_bytes(os.path.join(out, MARKER), (json.dumps(info, indent=2) + "\n").encode())
     return info
-
-
-# --- how much of each finding survives a resize (the resolution answer, measured) ----------------------
-def finding_signal(spec: ImageSpec, task: str) -> np.ndarray:
-    """What ``task``'s finding adds to the 8-bit image at source size (float, height x width).
-
-    The same spec is rendered with and without the finding (everything else identical: each finding
-    draws from its own random stream), so anatomy and noise cancel exactly.
-    """
-    with_f = ImageSpec(**{**asdict(spec), "findings": {**spec.findings, task: spec.findings.get(task, 1.0)}})
-    without = ImageSpec(**{**asdict(spec), "findings": {k: v for k, v in spec.findings.items() if k != task}})
-    return render_image(with_f).astype(np.float32) - render_image(without).astype(np.float32)
-
-
-def lanczos_square(pixels: np.ndarray, resolution: int) -> np.ndarray:
-    """The store's resize (Pillow Lanczos to a square) in float, without the 8-bit rounding."""
-    return np.asarray(Image.fromarray(pixels.astype(np.float32), "F").resize((resolution, resolution), Image.LANCZOS))
-
-
-def visibility_table(resolutions=(160, 240, 320, 400, 480), images: int = 4, size: int = 1400,
-                     seed: int = 0) -> dict:
-    """Per task and resolution: % of the finding's RMS (at source size) left after the resize.
-
-    A zero-mean band-limited pattern keeps its RMS under resampling while it is below the new
-    Nyquist limit, so 100 % = fully kept and ~0 % = destroyed. The resize is linear, so resizing the
-    difference equals the difference of the resized images (before the store rounds to 8 bits,
-    which removes anything much below 0.5 grey levels as well). Mean over ``images`` frontal images.
-    """
-    table = {}
-    for task in TASK_DESIGN:
-        kept = {r: [] for r in resolutions}
-        for i in range(images):
-            spec = ImageSpec(path="x", width=size, height=int(size * 1.1), view="Frontal",
-                             seed=[seed, 9, i], patient_seed=[seed, 8, i], findings={task: 0.7})
-            diff = finding_signal(spec, task)
-            full = float(np.sqrt(np.mean(diff ** 2)))
-            for r in resolutions:
-                kept[r].append(float(np.sqrt(np.mean(lanczos_square(diff, r) ** 2))) / full)
-        table[task] = {r: round(100 * float(np.mean(v)), 1) for r, v in kept.items()}
-    return table
-
-
-# --- command line ------------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--out", help="output folder (the image root); must be empty or an earlier phantom")
-    parser.add_argument("--studies", type=int, default=200, help="number of studies over both splits")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
-    parser.add_argument("--valid-fraction", type=float, default=0.2, help="share of studies in valid")
-    parser.add_argument("--min-size", type=int, default=1000, help="smallest image side in pixels")
-    parser.add_argument("--max-size", type=int, default=3000, help="largest image side in pixels")
-    parser.add_argument("--square", action="store_true", help="square images instead of width 0.80-1.05 x height")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering images")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier phantom in --out")
-    parser.add_argument("--visibility", action="store_true",
-                        help="print how much of each finding survives a resize to 160..480 px and exit")
-
-
-def run(args) -> int:
-    if args.visibility:
-        table = visibility_table()
-        res = list(next(iter(table.values())))
-        print("% of each finding's signal (RMS of the same image with minus without it) left after the "
-              "store's square Lanczos resize,\nbefore 8-bit rounding; synthetic phantom, mean of 4 frontal "
-              "images of 1400x1540 px")
-        print(f"{'task':<18}{'scale':<8}" + "".join(f"{r:>8}" for r in res))
-        for task, row in table.items():
-            print(f"{task:<18}{TASK_DESIGN[task]['scale']:<8}" + "".join(f"{row[r]:>7.1f}%" for r in res))
-        return 0
-    if not args.out:
-        raise UserError("--out is required (the folder to write the phantom into)")
-    if args.workers < 1:
-        raise UserError(f"--workers: {args.workers} is not positive")
-    info = make_phantom(args.out, studies=args.studies, seed=args.seed, valid_fraction=args.valid_fraction,
-                        min_size=args.min_size, max_size=args.max_size, square=args.square,
-                        quality=args.quality, workers=args.workers, overwrite=args.overwrite, progress=True)
-    for w in info["warnings"]:
-        print(f"warning: {w}")
-    c = info["counts"]
-    print(f"SYNTHETIC PHANTOM written to {args.out}: train {c['train']['studies']} studies / "
-          f"{c['train']['images']} images, valid {c['valid']['studies']} studies / {c['valid']['images']} images, "
-          f"{info['jpeg_bytes'] / 1e6:.1f} MB of JPEG; image root = {args.out}")
-    return 0

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from preprocessing import phantom as ph
+from preprocessing import phantom_visibility as vis
 from common.cli import UserError
 from preprocessing.labels import read_labels
 from common.schema import META_COLUMNS, OBSERVATIONS, TASKS
@@ -157,8 +158,10 @@ def test_small_images_warn_that_the_answer_does_not_hold(tmp_path):
 
 # --- the resolution answer: fine findings vanish at 160 px and survive at 480 px; coarse ones survive ------
 def _pair(task, i, view="Frontal"):
+    # Without film marks: these measure the finding against anatomy and noise; the marks are the
+    # same with and without a finding (test_film_marks_do_not_depend_on_the_labels).
     spec = ph.ImageSpec(path="x", width=640, height=700, view=view, seed=[11, 1, i], patient_seed=[11, 2, i],
-                        findings={task: 0.7})
+                        findings={task: 0.7}, marks=False)
     return ph.render_image(spec), ph.render_image(replace(spec, findings={}))
 
 
@@ -191,11 +194,11 @@ def test_how_much_of_each_finding_survives(task):
     pos, neg = _pair(task, 0)
     diff = pos.astype(np.float32) - neg.astype(np.float32)
     full = np.sqrt(np.mean(diff ** 2))
-    kept = {r: np.sqrt(np.mean(ph.lanczos_square(diff, r) ** 2)) / full for r in (160, 240, 320, 480)}
+    kept = {r: np.sqrt(np.mean(vis.lanczos_square(diff, r) ** 2)) / full for r in (160, 240, 320, 480)}
     scale = ph.TASK_DESIGN[task]["scale"]
     if scale == "coarse":
         assert kept[160] > 0.97
-        assert np.abs(ph.lanczos_square(diff, 160)).max() > 20  # tens of grey levels at 160 px
+        assert np.abs(vis.lanczos_square(diff, 160)).max() > 20  # tens of grey levels at 160 px
     elif scale == "medium":
         assert 0.2 < kept[160] < 0.85 and kept[320] > 0.9
     else:
@@ -207,7 +210,8 @@ def test_coarse_finding_separates_at_160_between_patients():
     pixels in the band beside it than every normal heart does."""
     def dark_lung_share(i, enlarged):
         spec = ph.ImageSpec(path="x", width=640, height=700, view="Frontal", seed=[12, 1, i],
-                            patient_seed=[12, 2, i], findings={"Cardiomegaly": 0.7} if enlarged else {})
+                            patient_seed=[12, 2, i], findings={"Cardiomegaly": 0.7} if enlarged else {},
+                            marks=False)
         img = _store_resize(ph.render_image(spec), 160)
         threshold = (np.percentile(img, 10) + np.percentile(img, 90)) / 2  # exposure-independent
         band = img[int(0.50 * 160):int(0.68 * 160), int(0.30 * 160):int(0.75 * 160)]
@@ -223,3 +227,18 @@ def test_render_is_pure():
     a, b = ph.render_image(spec), ph.render_image(spec)
     assert a.shape == (650, 610) and a.dtype == np.uint8 and np.array_equal(a, b)
     assert 20 < a.mean() < 200 and a.std() > 10
+
+
+def test_film_marks_do_not_depend_on_the_labels():
+    """Text, marker and collimation are drawn: identical with and without every finding, and the
+    findings' pixels elsewhere are untouched by them."""
+    spec = ph.ImageSpec(path="x", width=900, height=1000, view="Frontal", seed=[4, 1, 2, 1, 1],
+                        patient_seed=[4, 2, 2], findings={t: 0.8 for t in TASKS})
+    bare = replace(spec, findings={})
+    marked_pos, marked_neg = ph.render_image(spec), ph.render_image(bare)
+    plain_pos, plain_neg = ph.render_image(replace(spec, marks=False)), ph.render_image(replace(bare, marks=False))
+    marks = (marked_neg != plain_neg) | (marked_pos != plain_pos)
+    assert 0.002 < marks.mean() < 0.4                      # something is drawn, most of the film is not
+    assert (marked_pos[marks] == marked_neg[marks]).all()  # the marks carry no label
+    assert np.array_equal(marked_pos[~marks], plain_pos[~marks])
+    assert (marked_neg == 255).sum() > 200                 # saturated strokes (text, marker)
