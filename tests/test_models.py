@@ -117,14 +117,30 @@ def test_head_layout_is_the_protocols():
     assert (layers[7].in_features, layers[7].out_features) == (512, 3)
 
 
-def test_head_pools_average_and_max():
+@pytest.mark.parametrize("order, expected", [("max,avg", [3.0, 0.0, 2.0, -1.0]),
+                                              ("avg,max", [2.0, -1.0, 3.0, 0.0])])
+def test_head_pools_max_and_average_in_the_given_order(order, expected):
     torch.manual_seed(0)
-    head = models.CXRHead(num_features=2, outputs=1).eval()
+    head = models.CXRHead(num_features=2, outputs=1, pool_order=order).eval()
     fmap = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.0]]]])  # 1 x 2 x 1 x 2
     seen = {}
     head.classifier[1].register_forward_hook(lambda m, i, o: seen.setdefault("in", i[0]))
     head(fmap)
-    assert torch.equal(seen["in"], torch.tensor([[2.0, -1.0, 3.0, 0.0]]))  # avg then max
+    assert torch.equal(seen["in"], torch.tensor([expected]))
+
+
+def test_default_head_is_fastais_and_the_literal_one_is_an_argument_away():
+    torch.manual_seed(0)
+    fastai_like = create_model("resnet18", 32, 2, weights="none")
+    literal = create_model("resnet18", 32, 2, weights="none", pool_order="avg,max", head_bn_bias=0.0)
+    assert fastai_like.head.pool_order == "max,avg" and literal.head.pool_order == "avg,max"
+    for model, bias in ((fastai_like, 1e-3), (literal, 0.0)):
+        norms = [m for m in model.head.classifier if isinstance(m, nn.BatchNorm1d)]
+        assert len(norms) == 2
+        assert all(torch.equal(m.bias, torch.full_like(m.bias, bias)) for m in norms)
+        assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    with pytest.raises(UserError, match="pool_order"):
+        create_model("resnet18", 32, 2, weights="none", pool_order="max")
 
 
 def test_head_init_is_kaiming_and_seeded():
@@ -243,8 +259,13 @@ def test_feature_map_size_matches_a_real_forward():
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(models, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 8 and result.failed == 0
+    from trainer.models import cost, network, registry
+    attempted = 0
+    for module in (network, registry, cost):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted >= 16
 
 
 def test_smallcnn_has_no_imagenet_weights_and_a_stride_32_body():

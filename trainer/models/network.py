@@ -1,293 +1,53 @@
-"""The models of PROTOCOL.md behind one registry and one factory, :func:`create_model`.
-
-A registered model is a small builder function returning the *original* ImageNet network
-(torchvision or efficientnet-pytorch, classifier included) with random weights. ``create_model``
-loads the requested weights into that network, keeps everything up to the last feature map as
-``.body`` and puts the protocol's head on top::
+"""The protocol's network, :class:`CXRNet` = a body (ImageNet feature extractor) + :class:`CXRHead`,
+and the one factory, :func:`create_model`::
 
     body: images (N, 3, R, R) -> feature map (N, F, h, w)
-    head: feature map -> concat(avgpool, maxpool) (N, 2F) -> BN -> Dropout(0.3) -> Linear(2F, 512)
+    head: feature map -> concat(maxpool, avgpool) (N, 2F) -> BN -> Dropout(0.3) -> Linear(2F, 512)
           -> ReLU -> BN -> Dropout(0.6) -> Linear(512, outputs)  -> logits (N, outputs)
 
-The body keeps the original module names, so ``model.body.state_dict()`` has the keys of the
-published ImageNet state_dict minus its classifier, and ImageNet files load strictly.
-
-``efficientnet`` is an alias: the variant the thesis matched to the resolution (see
-:func:`resolve_model_name`). docs/models.md has the names, the parameter counts and the weights
-cache.
+The head is fastai's ``create_head(F, outputs, lin_ftrs=[512], ps=0.6)`` initialised as
+``create_vision_model`` does (Kaiming-normal linear layers, BatchNorm1d bias 1e-3), which is what
+the thesis ran; ``pool_order``, ``head_bn_bias`` and ``densenet_final_relu`` bring back the
+literal reading of its text. docs/models.md has the names, the parameter counts and the cache.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torchvision.models as tvm
-from efficientnet_pytorch import EfficientNet
 
 from common.cli import UserError
-from trainer import weights as _weights
-from trainer.weights import MissingWeightsError, WeightsError  # noqa: F401  (re-exported)
+from trainer.models import weights_cache
+from trainer.models.builtin import NO_IMAGENET_WEIGHTS, body_of
+from trainer.models.registry import (builder, check_resolution, is_timm, model_info,
+                                     resolve_model_name)
 
-__all__ = [
-    "CXRNet", "CXRHead", "UnknownModelError", "MissingWeightsError", "WeightsError",
-    "create_model", "list_models", "resolve_model_name", "register_model", "feature_map_size",
-    "EFFICIENTNET_BY_RESOLUTION", "PROTOCOL_MODELS", "MIN_RESOLUTION",
-]
+__all__ = ["CXRHead", "CXRNet", "create_model", "feature_map_size", "POOL_ORDERS", "NORM_TYPES"]
 
+#: The head's pooling orders: fastai's ``AdaptiveConcatPool2d`` puts max first.
+POOL_ORDERS = ("max,avg", "avg,max")
 
-class UnknownModelError(UserError):
-    """A model name that is not registered."""
+#: Layers a frozen body keeps training: fastai's ``norm_types`` (``train_bn=True`` keeps every
+#: norm layer's weight and bias trainable while the rest of the body is frozen).
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
 
 
-#: Smallest input every registered body turns into a feature map of at least 1 x 1 (DenseNet's
-#: three 2x2 average-pool transitions are the limit).
-MIN_RESOLUTION = 32
-
-#: The thesis's EfficientNet variant per resolution (PROTOCOL.md).
-EFFICIENTNET_BY_RESOLUTION = {160: "efficientnet-b0", 240: "efficientnet-b1", 320: "efficientnet-b3",
-                              400: "efficientnet-b4", 480: "efficientnet-b5"}
-
-#: The feature extractors PROTOCOL.md compares (the default download set of trainer.weights).
-PROTOCOL_MODELS = ("resnet50", "resnet152", "densenet121", "densenet161",
-                   *EFFICIENTNET_BY_RESOLUTION.values())
-
-_ALIASES = ("efficientnet",)
-
-# --- the registry ---------------------------------------------------------------------------
-#: name -> builder(resolution) returning the original ImageNet network with random weights.
-_REGISTRY: dict[str, Callable[[int], nn.Module]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[[int], nn.Module]], Callable[[int], nn.Module]]:
-    """Decorator: register ``fn(resolution) -> original network`` under ``name``.
-
-    A second registration of a name is a programming error (two models would answer to it).
-    """
-    def decorate(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        if name in _REGISTRY or name in _ALIASES:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-    return decorate
-
-
-@register_model("resnet18")
-def resnet18(resolution: int) -> nn.Module:
-    """ResNet-18 (torchvision), F=512: for quick runs."""
-    return tvm.resnet18(weights=None)
-
-
-@register_model("resnet34")
-def resnet34(resolution: int) -> nn.Module:
-    """ResNet-34 (torchvision), F=512: for quick runs."""
-    return tvm.resnet34(weights=None)
-
-
-@register_model("resnet50")
-def resnet50(resolution: int) -> nn.Module:
-    """ResNet-50 (torchvision), F=2048."""
-    return tvm.resnet50(weights=None)
-
-
-@register_model("resnet152")
-def resnet152(resolution: int) -> nn.Module:
-    """ResNet-152 (torchvision), F=2048."""
-    return tvm.resnet152(weights=None)
-
-
-@register_model("densenet121")
-def densenet121(resolution: int) -> nn.Module:
-    """DenseNet-121 (torchvision), F=1024."""
-    return tvm.densenet121(weights=None)
-
-
-@register_model("densenet161")
-def densenet161(resolution: int) -> nn.Module:
-    """DenseNet-161 (torchvision), F=2208."""
-    return tvm.densenet161(weights=None)
-
-
-@register_model("densenet169")
-def densenet169(resolution: int) -> nn.Module:
-    """DenseNet-169 (torchvision), F=1664."""
-    return tvm.densenet169(weights=None)
-
-
-class SmallCNN(nn.Module):
-    """A plain 5-layer CNN (stride 32 like the ImageNet bodies, F=128) with no ImageNet weights.
-
-    Why it exists: on a CPU a ResNet-18 trains at about 0.5 images/s at 480 px, too slow to run the
-    five-resolution phantom science check or a demo on a laptop; this body is ~14x cheaper
-    (0.6 GFLOPs forward at 480 px) and still sees full-resolution detail in its first, stride-2
-    5x5 layer. It is not one of the thesis's models: use it for smoke runs and the phantom.
-    """
-
-    num_features = 128
-
-    def __init__(self):
-        super().__init__()
-
-        def block(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
-                    nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-        self.features = nn.Sequential(
-            *block(3, 16, 5, 2), nn.MaxPool2d(2),      # R/2 -> R/4
-            *block(16, 32), nn.MaxPool2d(2),           # R/8
-            *block(32, 64), nn.MaxPool2d(2),           # R/16
-            *block(64, 128), nn.MaxPool2d(2),          # R/32
-            *block(128, 128),
-        )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-
-#: Registered models that have no published ImageNet weights (weights='imagenet' is an error).
-NO_IMAGENET_WEIGHTS = {"smallcnn"}
-
-
-@register_model("smallcnn")
-def smallcnn(resolution: int) -> nn.Module:
-    """SmallCNN, F=128: CPU smoke runs and the phantom science check; no ImageNet weights."""
-    return SmallCNN()
-
-
-def _efficientnet(variant: str, resolution: int) -> nn.Module:
-    # image_size sets the static "same" padding of every conv for this input size (TensorFlow
-    # semantics); it changes no parameter, so ImageNet weights load at any resolution.
-    # from_name builds the architecture only; from_pretrained would download.
-    return EfficientNet.from_name(variant, image_size=resolution)
-
-
-def _register_efficientnets() -> None:
-    for b in range(8):
-        name = f"efficientnet-b{b}"
-        register_model(name)(functools.partial(_efficientnet, name))
-
-
-_register_efficientnets()
-
-
-def list_models() -> list[str]:
-    """Every name :func:`create_model` accepts: the registered models, then the aliases."""
-    return sorted(_REGISTRY) + list(_ALIASES)
-
-
-def _efficientnet_for(resolution: int) -> str:
-    # Nearest anchor resolution; a tie (e.g. 200 between 160 and 240) goes to the larger variant.
-    anchor = min(EFFICIENTNET_BY_RESOLUTION, key=lambda r: (abs(r - resolution), -r))
-    return EFFICIENTNET_BY_RESOLUTION[anchor]
-
-
-def resolve_model_name(name: str, resolution: int) -> str:
-    """The registered model ``name`` stands for at ``resolution``.
-
-    ``efficientnet`` is the thesis's variant for the resolution: B0 at 160, B1 at 240, B3 at 320,
-    B4 at 400, B5 at 480; any other resolution takes the variant of the nearest of those, ties
-    going to the larger one (200 -> B1, 280 -> B3, 600 -> B5). Other names are returned as given
-    (lower case, ``_`` read as ``-``) after checking that they are registered.
-
-    >>> resolve_model_name("efficientnet", 320)
-    'efficientnet-b3'
-    >>> resolve_model_name("efficientnet", 200)
-    'efficientnet-b1'
-    >>> resolve_model_name("ResNet50", 320)
-    'resnet50'
-    """
-    key = str(name).strip().lower().replace("_", "-")
-    if key == "efficientnet":
-        return _efficientnet_for(_check_resolution(resolution))
-    if key not in _REGISTRY:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return key
-
-
-def _check_resolution(resolution: int) -> int:
-    try:
-        value = int(resolution)
-    except (TypeError, ValueError):
-        raise UserError(f"resolution {resolution!r} is not an integer") from None
-    if value != resolution or value < MIN_RESOLUTION:
-        raise UserError(f"resolution {resolution!r}: need an integer >= {MIN_RESOLUTION} px")
-    return value
-
-
-# --- bodies: the original networks up to their last feature map ------------------------------
-class ResNetBody(nn.Module):
-    """torchvision ResNet up to ``layer4`` (no pooling, no ``fc``), original module names."""
-
-    def __init__(self, net: tvm.ResNet):
-        super().__init__()
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.num_features = net.fc.in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-class DenseNetBody(nn.Module):
-    """torchvision DenseNet ``features`` (ending in the final ``norm5``) plus the ReLU that
-    torchvision applies before its pooling; no ``classifier``."""
-
-    def __init__(self, net: tvm.DenseNet):
-        super().__init__()
-        self.features = net.features
-        self.num_features = net.classifier.in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.features(x))
-
-
-class EfficientNetBody(nn.Module):
-    """efficientnet-pytorch's ``extract_features``: stem, MBConv blocks with their drop-connect
-    schedule, ``_conv_head`` + ``_bn1`` + swish; no ``_avg_pooling``/``_dropout``/``_fc``."""
-
-    def __init__(self, net: EfficientNet):
-        super().__init__()
-        self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
-        self._conv_head, self._bn1, self._swish = net._conv_head, net._bn1, net._swish
-        self.drop_connect_rate = net._global_params.drop_connect_rate
-        self.num_features = net._fc.in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The same code as EfficientNet.extract_features (efficientnet-pytorch 0.7.1).
-        x = self._swish(self._bn0(self._conv_stem(x)))
-        for idx, block in enumerate(self._blocks):
-            rate = self.drop_connect_rate
-            if rate:
-                rate *= float(idx) / len(self._blocks)  # deeper blocks drop more often
-            x = block(x, drop_connect_rate=rate)
-        return self._swish(self._bn1(self._conv_head(x)))
-
-
-def _body_of(net: nn.Module) -> nn.Module:
-    if isinstance(net, SmallCNN):
-        return net  # already a body: it has no classifier to drop
-    if isinstance(net, tvm.ResNet):
-        return ResNetBody(net)
-    if isinstance(net, tvm.DenseNet):
-        return DenseNetBody(net)
-    if isinstance(net, EfficientNet):
-        return EfficientNetBody(net)
-    raise TypeError(f"no body rule for {type(net).__name__}")
-
-
-# --- the head and the whole network ----------------------------------------------------------
 class CXRHead(nn.Module):
-    """PROTOCOL.md's head: feature map (N, F, h, w) -> logits (N, outputs)."""
+    """The protocol's head: feature map (N, F, h, w) -> logits (N, outputs).
+
+    ``pool_order``: ``"max,avg"`` (fastai's order) or ``"avg,max"``; the two differ only in which
+    half of the BatchNorm's input each pooling fills. ``bn_bias``: the initial bias of both
+    BatchNorm1d layers (fastai's ``BatchNorm`` fills 1e-3).
+    """
 
     def __init__(self, num_features: int, outputs: int, hidden: int = 512,
-                 dropout: tuple[float, float] = (0.3, 0.6)):
+                 dropout: tuple[float, float] = (0.3, 0.6), pool_order: str = "max,avg",
+                 bn_bias: float = 1e-3):
         super().__init__()
+        if pool_order not in POOL_ORDERS:
+            raise UserError(f"pool_order {pool_order!r}: need one of {', '.join(POOL_ORDERS)}")
+        self.pool_order = pool_order
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.max_pool = nn.AdaptiveMaxPool2d(1)
         self.classifier = nn.Sequential(
@@ -305,14 +65,18 @@ class CXRHead(nn.Module):
                 # Kaiming (He) normal for layers followed by a ReLU, as fastai's head does; the
                 # draw comes from torch's global RNG, so torch.manual_seed fixes it.
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm1d):
+                nn.init.constant_(m.bias, float(bn_bias))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([self.avg_pool(features), self.max_pool(features)], dim=1)  # N, 2F, 1, 1
-        return self.classifier(pooled)
+        pools = (self.max_pool(features), self.avg_pool(features))
+        if self.pool_order == "avg,max":
+            pools = pools[::-1]
+        return self.classifier(torch.cat(pools, dim=1))  # N, 2F, 1, 1 -> N, outputs
 
 
-def _is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
 
 
 class CXRNet(nn.Module):
@@ -320,10 +84,10 @@ class CXRNet(nn.Module):
     sigmoid belongs to the loss (BCE-with-logits) and to evaluation."""
 
     def __init__(self, body: nn.Module, num_features: int, outputs: int, name: str = "",
-                 resolution: int = 0):
+                 resolution: int = 0, pool_order: str = "max,avg", head_bn_bias: float = 1e-3):
         super().__init__()
         self.body = body
-        self.head = CXRHead(num_features, outputs)
+        self.head = CXRHead(num_features, outputs, pool_order=pool_order, bn_bias=head_bn_bias)
         self.num_features = int(num_features)
         self.outputs = int(outputs)
         self.name = name
@@ -333,10 +97,11 @@ class CXRNet(nn.Module):
         return self.head(self.body(images))  # N, 3, R, R -> N, F, h, w -> N, outputs
 
     def freeze_body(self) -> None:
-        """Stop gradients to the body's weights, except its BatchNorm layers (PROTOCOL.md stage 1:
-        "its BatchNorm layers still train"). Running statistics follow ``train()``/``eval()``."""
+        """Stop gradients to the body's weights, except its norm layers (the protocol's stage 1:
+        "its BatchNorm layers still train"; fastai keeps every norm type trainable, LayerNorm
+        included). Running statistics follow ``train()``/``eval()``."""
         for module in self.body.modules():
-            trainable = _is_batchnorm(module)
+            trainable = _is_norm(module)
             for p in module.parameters(recurse=False):
                 p.requires_grad_(trainable)
 
@@ -351,21 +116,37 @@ class CXRNet(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups from input to head for discriminative learning rates, as fastai
+        splits the same network: ResNet [stem + layer1 + layer2, layer3 + layer4, head]; DenseNet
+        [features to denseblock2, transition2 .. norm5, head]; timm ResNet/ConvNeXt likewise in
+        halves of their stages; anything else [body, head]. Every parameter is in exactly one
+        group, frozen or not."""
+        split = getattr(self.body, "layer_groups", None)
+        body = split() if callable(split) else [self.body_parameters()]
+        return [*body, self.head_parameters()]
+
 
 def create_model(name: str, resolution: int, outputs: int, weights: str = "imagenet",
-                 weights_dir: str | None = None) -> CXRNet:
-    """Build a registered model with the protocol head.
+                 weights_dir: str | None = None, *, pool_order: str = "max,avg",
+                 head_bn_bias: float = 1e-3, densenet_final_relu: bool = False) -> CXRNet:
+    """Build a registered model (or ``timm:<name>``) with the protocol head.
 
     Args:
-        name: one of :func:`list_models` (``efficientnet`` picks the variant for ``resolution``).
+        name: one of :func:`list_models` (``efficientnet`` picks the variant for ``resolution``),
+            or ``timm:<name>`` for any timm model.
         resolution: the square input size in pixels (>= 32); EfficientNet's padding depends on it.
         outputs: logits per image (5 in multi-task mode, 1 for a single task).
-        weights: ``"imagenet"`` (the body from the local cache, see trainer/weights.py),
+        weights: ``"imagenet"`` (the body from the local cache, see trainer/models/weights_cache.py),
             ``"none"`` (random body, on purpose), or a path/location of a state_dict file: a
             CXRNet state_dict (``body.*`` and ``head.*``, loaded whole), a trainer checkpoint
             holding one under ``"model"``, or a body state_dict in the ImageNet file format.
         weights_dir: the ImageNet cache (local path or ``s3://``); default ``$CXR_WEIGHTS_DIR`` or
             ``~/.cache/cxr-sweep/weights``.
+        pool_order: ``"max,avg"`` (fastai's concat pooling, default) or ``"avg,max"``.
+        head_bn_bias: initial bias of the head's BatchNorm1d layers (fastai: 1e-3; 0 = torch's).
+        densenet_final_relu: end a DenseNet body with torchvision's ReLU after ``norm5``
+            (default False: fastai's body ends at ``norm5``).
 
     The head's initialisation draws from torch's global RNG: call ``torch.manual_seed(seed)``
     first for a reproducible model.
@@ -378,28 +159,41 @@ def create_model(name: str, resolution: int, outputs: int, weights: str = "image
         torch.Size([2, 5])
         >>> model.body(torch.zeros(2, 3, 64, 64)).shape     # the feature map Grad-CAM uses
         torch.Size([2, 512, 2, 2])
+        >>> [len(group) for group in model.layer_groups()]  # stem..layer2, layer3..4, head
+        [30, 30, 6]
         >>> create_model("efficientnet", 320, outputs=1, weights="none").name
         'efficientnet-b3'
         >>> create_model("vgg16", 320, outputs=1)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        trainer.models.UnknownModelError: unknown model 'vgg16'; known models: densenet121, ...
+        trainer.models.registry.UnknownModelError: unknown model 'vgg16'; known models: densenet121, ...
     """
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     resolved = resolve_model_name(name, resolution)
     if int(outputs) != outputs or outputs < 1:
         raise UserError(f"outputs {outputs!r}: need a positive integer")
-    net = _REGISTRY[resolved](resolution)
-    mode = _weights.weights_mode(weights)
+    info = model_info(resolved)
+    mode = weights_cache.weights_mode(weights)
+    if is_timm(resolved):
+        from trainer.models.timm_body import TimmBody, build_timm_net, timm_feature_shape
+        num_features = timm_feature_shape(resolved[len("timm:"):], resolution)[0]
+        net = build_timm_net(resolved[len("timm:"):])
+    else:
+        net = builder(resolved)(resolution)
     if mode == "imagenet":
-        if resolved in NO_IMAGENET_WEIGHTS:
-            raise _weights.WeightsError(f"{resolved} has no ImageNet weights: use weights='none' "
-                                        "(--weights none) or a state_dict file")
-        _weights.load_imagenet(net, resolved, weights_dir)
-    body = _body_of(net)
-    model = CXRNet(body, body.num_features, int(outputs), name=resolved, resolution=resolution)
+        if resolved in NO_IMAGENET_WEIGHTS or not info.has_imagenet_weights:
+            raise weights_cache.WeightsError(
+                f"{resolved} has no ImageNet weights: use weights='none' (--weights none) or a "
+                "state_dict file")
+        weights_cache.load_imagenet(net, resolved, weights_dir, info.classifier_prefix)
+    if is_timm(resolved):
+        body = TimmBody(net, num_features)
+    else:
+        body = body_of(net, densenet_final_relu=densenet_final_relu)
+    model = CXRNet(body, body.num_features, int(outputs), name=resolved, resolution=resolution,
+                   pool_order=pool_order, head_bn_bias=head_bn_bias)
     if mode == "file":
-        _weights.load_weights_file(model, str(weights))
+        weights_cache.load_weights_file(model, str(weights), info.classifier_prefix)
     return model
 
 
@@ -415,9 +209,12 @@ def feature_map_size(name: str, resolution: int) -> tuple[int, int]:
     >>> feature_map_size("efficientnet", 480)
     (15, 15)
     """
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     resolved = resolve_model_name(name, resolution)
+    if is_timm(resolved):
+        from trainer.models.timm_body import timm_feature_shape
+        return timm_feature_shape(resolved[len("timm:"):], resolution)[1:]
     with torch.device("meta"):
-        body = _body_of(_REGISTRY[resolved](resolution)).eval()
+        body = body_of(builder(resolved)(resolution)).eval()
         out = body(torch.zeros(1, 3, resolution, resolution))
     return int(out.shape[-2]), int(out.shape[-1])

@@ -1,0 +1,186 @@
+"""The model registry: one builder and one :class:`ModelInfo` per name, and name resolution.
+
+Everything the rest of the project needs to know about a model (its family, where it ranks in
+size within that family, where its ImageNet weights come from, what its published cost is) is
+registered next to its builder, so no other module parses model names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from common.cli import UserError
+
+__all__ = ["ModelInfo", "UnknownModelError", "register_model", "model_info", "list_models",
+           "resolve_model_name", "check_resolution", "MIN_RESOLUTION",
+           "EFFICIENTNET_BY_RESOLUTION", "PROTOCOL_MODELS", "TIMM_PREFIX"]
+
+
+class UnknownModelError(UserError):
+    """A model name that is not registered (or not a timm model after ``timm:``)."""
+
+
+#: Smallest input every registered body turns into a feature map of at least 1 x 1 (DenseNet's
+#: three 2x2 average-pool transitions are the limit).
+MIN_RESOLUTION = 32
+
+#: The thesis's EfficientNet variant per resolution (the thesis protocol, docs/trainer.md).
+EFFICIENTNET_BY_RESOLUTION = {160: "efficientnet-b0", 240: "efficientnet-b1", 320: "efficientnet-b3",
+                              400: "efficientnet-b4", 480: "efficientnet-b5"}
+
+#: The feature extractors the thesis compares (the default download set of trainer.weights).
+PROTOCOL_MODELS = ("resnet50", "resnet152", "densenet121", "densenet161",
+                   *EFFICIENTNET_BY_RESOLUTION.values())
+
+#: ``timm:<name>`` names any model of the installed timm (trainer/models/timm_body.py).
+TIMM_PREFIX = "timm:"
+
+_ALIASES = ("efficientnet",)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the project knows about a model besides its architecture.
+
+    ``size_order`` sorts the members of one family from smallest to largest (the model-scaling
+    comparisons pair them); for the registered families it is the variant's rank, for a timm model
+    its body's parameter count (timm families have no registered ranks). ``published_gmacs_224``
+    is a published forward cost (multiply-accumulates per image at 224 px, ``cost_source`` says
+    whose); models without one are costed by counting (trainer.models.cost).
+    """
+
+    name: str
+    family: str                          # 'resnet', 'densenet', 'efficientnet', 'timm:convnext', ...
+    size_order: float = 0.0
+    source: str = ""                     # the package that defines the architecture
+    weights_url: str | None = None       # where `trainer.weights download` fetches ImageNet weights
+    weights_file: str | None = None      # its file name in the weights cache (None: no weights)
+    classifier_prefix: str = ""          # state_dict prefix of the original classifier (dropped)
+    compound_scaled: bool = False        # variants are matched to the resolution (EfficientNet)
+    published_gmacs_224: float | None = None
+    cost_source: str = ""
+
+    @property
+    def has_imagenet_weights(self) -> bool:
+        return self.weights_file is not None
+
+
+Builder = Callable[[int], nn.Module]
+
+#: name -> builder(resolution) returning the original network (or a body) with random weights.
+_REGISTRY: dict[str, Builder] = {}
+_INFO: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, *, family: str | None = None, size_order: float = 0.0,
+                   source: str = "", weights_url: str | None = None,
+                   classifier_prefix: str = "", compound_scaled: bool = False,
+                   published_gmacs_224: float | None = None,
+                   cost_source: str = "") -> Callable[[Builder], Builder]:
+    """Decorator: register ``fn(resolution) -> network`` under ``name`` with its metadata.
+
+    ``weights_url`` set means the model has published ImageNet weights (cached as
+    ``<name>-imagenet.pth``). A second registration of a name is a programming error (two models
+    would answer to it).
+    """
+    from trainer.models.weights_cache import weights_file_name
+
+    key = str(name).lower()
+    if key in _REGISTRY or key in _ALIASES or key.startswith(TIMM_PREFIX):
+        raise ValueError(f"model {name!r} is already registered")
+
+    def decorate(fn: Builder) -> Builder:
+        if key in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[key] = fn
+        _INFO[key] = ModelInfo(
+            name=key, family=family or key, size_order=float(size_order), source=source,
+            weights_url=weights_url,
+            weights_file=weights_file_name(key) if weights_url else None,
+            classifier_prefix=classifier_prefix, compound_scaled=compound_scaled,
+            published_gmacs_224=published_gmacs_224, cost_source=cost_source)
+        return fn
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Every registered name :func:`create_model` accepts, then the aliases (``timm:<name>``
+    accepts any timm model besides these)."""
+    return sorted(_REGISTRY) + list(_ALIASES)
+
+
+def is_timm(name: str) -> bool:
+    return str(name).strip().lower().startswith(TIMM_PREFIX)
+
+
+def model_info(name: str, resolution: int | None = None) -> ModelInfo:
+    """The metadata of a model name (registered, ``timm:<name>``, or ``efficientnet`` with a
+    ``resolution`` to pick its variant).
+
+    >>> model_info("resnet152").family, model_info("resnet152").size_order
+    ('resnet', 3.0)
+    >>> model_info("efficientnet", 320).name
+    'efficientnet-b3'
+    """
+    if is_timm(name):
+        from trainer.models.timm_body import timm_info
+        return timm_info(resolve_model_name(name, resolution or MIN_RESOLUTION))
+    key = str(name).strip().lower().replace("_", "-")
+    if key == "efficientnet" and resolution is None:
+        # the alias without a resolution: the family, not a variant (no weights, no cost)
+        return ModelInfo(name=key, family="efficientnet", source="efficientnet-pytorch",
+                         compound_scaled=True)
+    return _INFO[resolve_model_name(name, resolution or MIN_RESOLUTION)]
+
+
+def builder(name: str) -> Builder:
+    """The builder of a resolved, registered name."""
+    return _REGISTRY[name]
+
+
+def _efficientnet_for(resolution: int) -> str:
+    # Nearest anchor resolution; a tie (e.g. 200 between 160 and 240) goes to the larger variant.
+    anchor = min(EFFICIENTNET_BY_RESOLUTION, key=lambda r: (abs(r - resolution), -r))
+    return EFFICIENTNET_BY_RESOLUTION[anchor]
+
+
+def resolve_model_name(name: str, resolution: int) -> str:
+    """The registered model ``name`` stands for at ``resolution``.
+
+    ``efficientnet`` is the thesis's variant for the resolution: B0 at 160, B1 at 240, B3 at 320,
+    B4 at 400, B5 at 480; any other resolution takes the variant of the nearest of those, ties
+    going to the larger one (200 -> B1, 280 -> B3, 600 -> B5). Other names are returned as given
+    (lower case, ``_`` read as ``-``) after checking that they are registered. ``timm:<name>``
+    keeps timm's own spelling (lower case, underscores) and is checked against the installed timm.
+
+    >>> resolve_model_name("efficientnet", 320)
+    'efficientnet-b3'
+    >>> resolve_model_name("efficientnet", 200)
+    'efficientnet-b1'
+    >>> resolve_model_name("ResNet50", 320)
+    'resnet50'
+    >>> resolve_model_name("timm:ConvNeXt_Atto", 320)
+    'timm:convnext_atto'
+    """
+    if is_timm(name):
+        from trainer.models.timm_body import check_timm_name
+        return TIMM_PREFIX + check_timm_name(str(name).strip()[len(TIMM_PREFIX):])
+    key = str(name).strip().lower().replace("_", "-")
+    if key == "efficientnet":
+        return _efficientnet_for(check_resolution(resolution))
+    if key not in _REGISTRY:
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}"
+                                f", or {TIMM_PREFIX}<any timm model>")
+    return key
+
+
+def check_resolution(resolution: int) -> int:
+    try:
+        value = int(resolution)
+    except (TypeError, ValueError):
+        raise UserError(f"resolution {resolution!r} is not an integer") from None
+    if value != resolution or value < MIN_RESOLUTION:
+        raise UserError(f"resolution {resolution!r}: need an integer >= {MIN_RESOLUTION} px")
+    return value
