@@ -58,12 +58,21 @@ def configuration_key(config: dict[str, Any], manifest_hash: str | None) -> str:
 
 
 def differences(fields: dict[str, Any], reference: dict[str, Any]) -> list[str]:
-    """'lr_head: 0.01 -> 0.02' for every field where ``fields`` differs from ``reference``."""
+    """'lr_head=0.02 (main 0.01)' for every field where ``fields`` differs from ``reference``."""
     out = []
     for key in sorted(set(fields) | set(reference)):
-        a, b = reference.get(key, "(absent)"), fields.get(key, "(absent)")
-        if a != b:
-            if key == MANIFEST_FIELD:
-                a, b = str(a)[:12], str(b)[:12]
-            out.append(f"{key}: {a} -> {b}")
+        ref, own = reference.get(key, "(absent)"), fields.get(key, "(absent)")
+        if ref != own:
+            if key == MANIFEST_FIELD:   # another store: the hashes say only that
+                ref, own = str(ref)[:12], str(own)[:12]
+            out.append(f"{key}={_show(own)} (main {_show(ref)})")
     return out
+
+
+def _show(value: Any) -> str:
+    """1.0 as 1 again (values were canonicalised to floats), lists as comma lists."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return ",".join(_show(v) for v in value)
+    return str(value)

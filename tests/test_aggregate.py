@@ -52,10 +52,12 @@ class FakeSweep:
 
 def fabricate_sweep(root, *, resolutions=(160, 320, 480), models=("resnet50", "resnet152"),
                     seeds=(0, 1), epochs=2, studies=120, name="fake", phantom=True,
-                    finished=None, checkpoints=None) -> FakeSweep:
+                    finished=None, checkpoints=None, config=None) -> FakeSweep:
     """A sweep folder under ``root``; ``finished(trial) -> bool`` picks the trials that get
     records (default all); ``checkpoints(trial, task_key, epoch)`` returning a model state_dict
-    (or None) writes checkpoints/best-<task>.pt as the trainer does."""
+    (or None) writes checkpoints/best-<task>.pt as the trainer does. ``config``: TrainConfig
+    fields over the defaults; called again on the same ``root`` and ``name`` it is another run
+    of the same sweep, as the sweep writes it."""
     root = str(root)
     store = os.path.join(root, "store")
     manifest = {"format_version": 1, "tool_version": "test", "dataset": "phantom" if phantom else "chexpert",
@@ -66,7 +68,8 @@ def fabricate_sweep(root, *, resolutions=(160, 320, 480), models=("resnet50", "r
     manifest_hash = "f" * 64
     loc = os.path.join(root, "sweeps", name)
     points = build_grid(list(resolutions), list(models), list(seeds))
-    base = TrainConfig(store=store, epochs_frozen=1, epochs_unfrozen=epochs - 1, weights="none")
+    base = TrainConfig.from_dict(dict(config or {}), base=TrainConfig(
+        store=store, epochs_frozen=1, epochs_unfrozen=epochs - 1, weights="none"))
     trials = plan_trials(points, base, manifest_hash)
     write_sweep_file(loc, name=name, store_loc=store, manifest_hash=manifest_hash, trials=trials,
                      base=base, axes={"resolutions": list(resolutions), "models": list(models),
