@@ -282,7 +282,7 @@ def run_sweep(sweep: SweepConfig, train=None, callbacks: Sequence[Any] = (), *,
     from orchestrator.lock import driver_lock
     run_id = new_run_id()
     result.run_id = run_id
-    with driver_lock(folder.lock_file, run_id=run_id, command=command):
+    with driver_lock(folder.lock_file, run_id=run_id, command=command, take_over=sweep.take_over):
         return _run_locked(sweep, base, trials, callbacks, trial_fn, out, command, argv, run_id,
                            store.manifest_hash, gpu_table, result)
 
@@ -293,7 +293,9 @@ def _run_locked(sweep: SweepConfig, base, trials: list[Trial], callbacks, trial_
     from orchestrator import ledger
     sweep_loc = sweep.folder.location
     ids = [t.trial_id for t in trials]
-    plan = ledger.plan(sweep_loc, ids, ledger.read_all(sweep_loc))
+    entries = ledger.read_all(sweep_loc)
+    ledger.mark_stale_interrupted(sweep_loc, entries, run_id)   # attempts of a killed driver
+    plan = ledger.plan(sweep_loc, ids, entries)
     axes = {"resolutions": sorted({t.params.resolution for t in trials}),
             "models": list(sweep.models), "seeds": list(sweep.seeds), "task_mode": sweep.task_mode,
             "tasks": list(sweep.tasks or base.tasks)}
@@ -311,9 +313,22 @@ def _run_locked(sweep: SweepConfig, base, trials: list[Trial], callbacks, trial_
 
     if plan.to_run:
         from orchestrator.ray_run import run_on_ray
-        run_on_ray(sweep, run_id=run_id, trials=[by_id[t] for t in plan.to_run], all_trials=trials,
-                   finished=plan.finished, gpu_table=gpu_table, trial_fn=trial_fn,
-                   callbacks=list(callbacks), out=out)
+        from orchestrator.trainable import describe_error
+        try:
+            run_on_ray(sweep, run_id=run_id, trials=[by_id[t] for t in plan.to_run],
+                       all_trials=trials, finished=plan.finished, gpu_table=gpu_table,
+                       trial_fn=trial_fn, callbacks=list(callbacks), out=out)
+        except KeyboardInterrupt:
+            ledger.close_run(sweep_loc, plan.to_run, run_id, "interrupted", "interrupted by Ctrl-C")
+            print("interrupted: the running trials are recorded as interrupted; re-run the same "
+                  "command to continue them from their checkpoints", file=out, flush=True)
+            raise
+        except UserError:
+            raise
+        except Exception as exc:   # Ray Tune itself stopped (e.g. its own files on a full disk)
+            ledger.close_run(sweep_loc, plan.to_run, run_id, "failed",
+                             f"the sweep stopped: {describe_error(exc)}")
+            print(f"the sweep stopped: {describe_error(exc)}", file=out, flush=True)
     result.ran = list(plan.to_run)
 
     entries = ledger.read_all(sweep_loc)

@@ -122,6 +122,9 @@ class SweepConfig:
         "in-run retries of a crashed trial (each continues from its checkpoint)"))
     max_concurrent: int = field(default=0, metadata=_help(
         "cap on trials running at once (0 = as many as the resources allow)"))
+    take_over: bool = field(default=False, metadata=_help(
+        "run although the sweep's lock names another driver (only when that driver is gone: "
+        "a crashed driver's lock lapses by itself within a minute)"))
     reuse_actors: bool = field(default=True, metadata=_help(
         "a finished trial's worker process (and its GPU) runs the next trial; saves seconds per "
         "trial"))
