@@ -7,6 +7,7 @@ example ``smallcnn``) is a family of one and has no pairs.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 
@@ -17,6 +18,7 @@ from analysis.effects import usable
 _NAME = re.compile(r"^(?P<family>[a-z]+?)[-_]?(?P<size>b?\d+)$")
 
 
+@functools.lru_cache(maxsize=None)
 def _registry_info(name: str):
     try:
         from trainer.models import model_info
@@ -28,6 +30,7 @@ def _registry_info(name: str):
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def family_and_size(name: str) -> tuple[str, float | None]:
     """('resnet', 152.0), ('efficientnet', 3.0), ('smallcnn', None)."""
     info = _registry_info(str(name))
@@ -52,6 +55,9 @@ def family(name: str) -> str:
 
 def is_compound_scaled(name: str) -> bool:
     """EfficientNet's variants are matched to the resolution (B0 at 160 ... B5 at 480)."""
+    info = _registry_info(str(name))
+    if isinstance(getattr(info, "compound_scaled", None), bool):
+        return info.compound_scaled
     return family(name) == "efficientnet"
 
 

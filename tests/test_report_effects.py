@@ -229,12 +229,17 @@ def test_baseline_falls_back_to_the_best_model_at_the_lowest_resolution(tmp_path
 
 
 # --- families ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,expected", [("resnet18", ("resnet", 18.0)), ("resnet152", ("resnet", 152.0)),
-                                           ("densenet161", ("densenet", 161.0)),
-                                           ("efficientnet-b3", ("efficientnet", 3.0)),
-                                           ("smallcnn", ("smallcnn", None))])
-def test_family_and_size(name, expected):
-    assert families.family_and_size(name) == expected
+def test_families_and_size_order():
+    """From the registry's metadata where it knows the model, else from the name."""
+    sizes = [families.family_and_size(n) for n in ("resnet18", "resnet34", "resnet50", "resnet152")]
+    assert {f for f, _ in sizes} == {"resnet"}
+    assert [s for _, s in sizes] == sorted(s for _, s in sizes) and len({s for _, s in sizes}) == 4
+    assert families.family_and_size("densenet121")[0] == families.family_and_size("densenet161")[0] == "densenet"
+    assert families.family_and_size("efficientnet-b3")[0] == "efficientnet"
+    assert families.family("smallcnn") == "smallcnn"
+    # A model an older sweep ran that the registry does not know: parsed from its name.
+    assert families.family_and_size("wideresnet999") == ("wideresnet", 999.0)
+    assert families.family_and_size("notamodel") == ("notamodel", None)
 
 
 def test_every_pair_of_sizes_of_one_family_is_a_scaling_pair(tmp_path):
