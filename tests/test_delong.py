@@ -146,3 +146,34 @@ def test_holm_matches_hand_computation():
     np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, 0.02])
     np.testing.assert_allclose(delong.holm([0.5, float("nan"), 0.6]), [1.0, np.nan, 1.0])
     assert delong.holm([]).shape == (0,)
+
+
+def test_a_single_case_in_a_class_gives_no_interval_and_no_test():
+    """DeLong's variance is the spread of per-case components within each class: with one case
+    in a class it is undefined, so the interval and the test are NaN with the reason (never the
+    [x, x] that a zero variance estimate would print)."""
+    labels = [1, 0, 0, 0, 0]
+    ci = delong.auroc_ci(labels, [0.9, 0.1, 0.2, 0.95, 0.3])
+    assert ci.auroc == pytest.approx(0.75) and (ci.n_pos, ci.n_neg) == (1, 4)
+    assert math.isnan(ci.low) and math.isnan(ci.high) and math.isnan(ci.variance)
+    assert ci.note.startswith("1 positive case only") and "undefined" in ci.note
+    t = delong.paired_test(labels, [0.9, 0.1, 0.2, 0.95, 0.3], [0.5, 0.4, 0.3, 0.2, 0.1])
+    assert math.isnan(t.p_value) and math.isnan(t.se) and "undefined" in t.note
+    assert t.difference == pytest.approx(0.75 - 1.0)
+    one_each = delong.auroc_ci([1, 0], [0.7, 0.2])
+    assert math.isnan(one_each.low) and one_each.note.startswith("1 positive and 1 negative cases")
+    assert delong.auroc_ci([1, 1, 0, 0], [0.9, 0.2, 0.5, 0.1]).note == ""
+
+
+def test_perfect_separation_gives_a_marked_degenerate_interval():
+    labels = [1, 1, 1, 0, 0, 0]
+    ci = delong.auroc_ci(labels, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    assert (ci.auroc, ci.low, ci.high, ci.variance) == (1.0, 1.0, 1.0, 0.0)
+    assert ci.note.startswith("degenerate")
+    # The stratified bootstrap cannot widen it: every resample is perfectly separated as well.
+    assert delong.bootstrap_ci(labels, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], n=200) == (1.0, 1.0)
+    # Both perfect: identical rankings, p = 1. Perfect against all-tied: no test, not p = 0.
+    both = delong.paired_test(labels, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], [6, 5, 4, 3, 2, 1])
+    assert both.p_value == 1.0 and both.se == 0.0
+    tied = delong.paired_test(labels, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], [0.5] * 6)
+    assert tied.difference == 0.5 and math.isnan(tied.p_value) and tied.note.startswith("degenerate")
