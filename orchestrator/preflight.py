@@ -58,27 +58,18 @@ def check_address(address: str | None) -> None:
         check_reachable(joining)
 
 
-def _has_imagenet_weights(resolved: str) -> bool:
-    try:
-        from trainer.models import model_info
-    except ImportError:
-        from trainer.models import NO_IMAGENET_WEIGHTS
-        return resolved not in NO_IMAGENET_WEIGHTS
-    return model_info(resolved).weights_file is not None
-
-
 def check_weights(models: Sequence[str], resolutions: Sequence[int], weights: str,
                   weights_dir: str | None) -> None:
     """``weights``: 'imagenet' (the cache must hold every resolved model of the grid), 'none', or
     a file that must exist. Missing ImageNet files are listed together with the one command that
     fetches them all."""
-    from trainer import weights as w
-    from trainer.models import resolve_model_name
+    from trainer.models import model_info, resolve_model_name
+    from trainer.models import weights_cache as w
     mode = w.weights_mode(weights)          # WeightsError naming a missing --weights file
     if mode != "imagenet":
         return
     resolved = sorted({resolve_model_name(m, int(r)) for m in models for r in resolutions})
-    without = [m for m in resolved if not _has_imagenet_weights(m)]
+    without = [m for m in resolved if model_info(m).weights_file is None]
     if without:
         raise UserError(f"--weights imagenet: {', '.join(without)} has no ImageNet weights; use "
                         f"--weights none (random body) or a state_dict file")

@@ -38,7 +38,7 @@ def test_resources_that_fit_pass_and_a_cluster_may_grow():
 def test_missing_imagenet_weights_are_named_with_the_download_command(tmp_path):
     cache = tmp_path / "weights"
     cache.mkdir()
-    from trainer import weights as w
+    from trainer.models import weights_cache as w
     (cache / os.path.basename(w.weights_location("resnet18", str(cache)))).write_bytes(b"x")
     with pytest.raises(UserError) as err:
         preflight.check_weights(["resnet18", "densenet121", "efficientnet"], [160, 320],
