@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
