@@ -1,9 +1,11 @@
 """``python -m bench.store_bench`` (also ``python -m preprocessing bench``): the store builder vs the naive path, store size, read speed.
 
-On generated full-size JPEGs (default 2320 x 2832, quality 95) in a temporary folder, in one run:
+On generated full-size phantom films (2000-3000 px JPEGs, quality 95, with burned-in text, laterality
+markers and collimation edges: what puts a fast resize's accuracy at risk) in a temporary folder:
 
 - naive: for each resolution separately, open + decode + grayscale + Lanczos + write PNG;
-- the store builder in this process (one core), with the reduced JPEG decode and without it;
+- the store builder in this process (one core): the default path, the bit-exact one and the
+  DCT-scaled decode, each with its worst per-image PSNR against the bit-exact store;
 - optionally the builder on a private local Ray (``--ray-cpus``), images/s divided by its CPUs;
 - the store's size per resolution, and read throughput (rows/s on one core, Parquet -> arrays)
   for each image encoding, the store's own and the alternatives re-encoded from the same pixels.
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from preprocessing import build
+from preprocessing import build, phantom
 from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
 from preprocessing.encoding import ENCODINGS, decode_image, encode_image
 from preprocessing.resize import LANCZOS, psnr
@@ -38,35 +40,30 @@ EPILOG = """examples:
 """
 
 
-def synthetic_radiograph(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A chest-radiograph-like 8-bit picture: body, dark lungs, heart, ribs and quantum noise.
-
-    Only for speed and size measurements (JPEG decode cost and compressibility resemble a real
-    film); the learnable phantom dataset is ``preprocessing.phantom``.
-    """
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    u, v = x / width - 0.5, y / height - 0.5
-    img = 0.55 + 0.25 * np.exp(-(u / 0.45) ** 4)
-    for side in (-1, 1):
-        d = ((u - side * (0.17 + 0.02 * rng.random())) / 0.14) ** 2 + ((v + 0.02) / 0.3) ** 2
-        img -= 0.35 * np.clip(1 - d, 0, 1) ** 0.5
-    hd = ((u + 0.04) / (0.11 + 0.03 * rng.random())) ** 2 + ((v - 0.12) / 0.12) ** 2
-    img += 0.25 * np.clip(1 - hd, 0, 1) ** 0.5
-    img += 0.06 * np.maximum(0, np.sin((v * (20 + 4 * rng.random()) + 3 * u * u) * np.pi)) ** 8 * (np.abs(u) > 0.03)
-    img += 0.015 * rng.standard_normal((height, width)).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-def make_sources(folder: str, n: int, width: int, height: int) -> tuple[str, list[str]]:
-    """N JPEGs in CheXpert layout plus train.csv/valid.csv (1 in 8 to valid)."""
-    rows = {"train": [], "valid": []}
+def film_specs(n: int, min_size: int, max_size: int) -> list:
+    """N phantom films (docs/data.md) with burned-in text, markers and collimation edges, sizes drawn
+    in [min_size, max_size] like a mix of real full-size films, one in three lateral."""
+    rng = np.random.default_rng(0)
+    specs = []
     for i in range(n):
+        height = int(rng.integers(min_size, max_size + 1))
+        width = int(np.clip(round(height * rng.uniform(0.80, 1.05)), min_size, max_size))
+        specs.append(phantom.ImageSpec(path="x", width=width, height=height, view="Lateral" if i % 3 == 0 else "Frontal",
+                                       seed=[9, 1, i, 1, 1], patient_seed=[9, 2, i],
+                                       findings={"Edema": 0.7} if i % 2 else {}))
+    return specs
+
+
+def make_sources(folder: str, n: int, min_size: int, max_size: int) -> tuple[str, list[str]]:
+    """N film JPEGs (quality 95) in CheXpert layout plus train.csv/valid.csv (1 in 8 to valid)."""
+    rows = {"train": [], "valid": []}
+    for i, spec in enumerate(film_specs(n, min_size, max_size)):
         split = "valid" if i % 8 == 7 else "train"
         path = f"CheXpert-v1.0/{split}/patient{i:05d}/study1/view1_frontal.jpg"
         full = os.path.join(folder, path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        Image.fromarray(synthetic_radiograph(width, height, seed=i)).save(full, format="JPEG", quality=95)
+        with open(full, "wb") as f:
+            f.write(phantom.encode_jpeg(phantom.render_image(spec), 95))
         rows[split].append([path, "Female", "50", "Frontal", "PA"] + ["1.0", "0.0", "-1.0", "", "1.0"])
     csvs = []
     for split, split_rows in rows.items():
@@ -117,13 +114,24 @@ def reencode(table: pa.Table, src: str, dst: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index("image"), "image", pa.array(blobs, pa.binary()))
 
 
-def run_bench(n: int, width: int, height: int, resolutions: list[int], ray_cpus: int, keep: str | None) -> tuple[str, dict]:
+#: The builder's variants, timed side by side: (key, label, build_store keywords).
+VARIANTS = (
+    ("store", "store builder, default (full decode, bicubic pre-reduction x2, Lanczos)", {}),
+    ("store-exact", "store builder, `--reduce-factor 0` (Lanczos straight from full size, bit-exact)",
+     {"reduce_factor": None}),
+    ("store-draft2", "store builder, `--draft-factor 2 --reduce-factor 0` (DCT-scaled decode, the former default)",
+     {"draft_factor": 2.0, "reduce_factor": None}),
+)
+
+
+def run_bench(n: int, min_size: int, max_size: int, resolutions: list[int], ray_cpus: int,
+              keep: str | None) -> tuple[str, dict]:
     work = keep or tempfile.mkdtemp(prefix="cxr-bench-")
     os.makedirs(work, exist_ok=True)
     try:
         src = os.path.join(work, "src")
-        print(f"generating {n} JPEGs {width}x{height} q95 in {src} ...", file=sys.stderr)
-        _, csvs = make_sources(src, n, width, height)
+        print(f"generating {n} phantom film JPEGs {min_size}-{max_size} px q95 in {src} ...", file=sys.stderr)
+        _, csvs = make_sources(src, n, min_size, max_size)
         paths = []
         for c in csvs:
             with open(c) as f:
@@ -136,44 +144,43 @@ def run_bench(n: int, width: int, height: int, resolutions: list[int], ray_cpus:
         results["naive"] = timed(naive_resize, src, paths, resolutions, naive_out)
         common = dict(resolutions=resolutions, shard_size=max(1, n // 8), progress=False)
         build._load_labels(csvs, None)   # warm-up: imports (pandas, ...) are not part of the timing
-        print("store builder, in process ...", file=sys.stderr)
-        results["store"] = timed(build.build_store, src, csvs, os.path.join(work, "store"), use_ray=False, **common)
-        print("store builder, full decode, in process ...", file=sys.stderr)
-        results["store-full"] = timed(build.build_store, src, csvs, os.path.join(work, "store-full"),
-                                      use_ray=False, draft_factor=None, **common)
-        print("store builder, draft factor 1, in process ...", file=sys.stderr)
-        results["store-d1"] = timed(build.build_store, src, csvs, os.path.join(work, "store-d1"),
-                                    use_ray=False, draft_factor=1.0, **common)
+        for key, label, kwargs in VARIANTS:
+            print(f"{label}, in process ...", file=sys.stderr)
+            results[key] = timed(build.build_store, src, csvs, os.path.join(work, key), use_ray=False,
+                                 **common, **kwargs)
         if ray_cpus:
             print(f"store builder, local Ray with {ray_cpus} CPUs ...", file=sys.stderr)
             wall, _ = timed(build.build_store, src, csvs, os.path.join(work, "store-ray"), use_ray=True,
                             num_cpus=ray_cpus, **common)
             results["store-ray"] = (wall, wall * ray_cpus)   # CPU of the workers is not ours to count
         from preprocessing.manifest import read_manifest
-        manifest = read_manifest(os.path.join(work, "store"))
-
         from preprocessing.store import open_store
-        store, full = open_store(os.path.join(work, "store")), open_store(os.path.join(work, "store-full"))
-        d1 = open_store(os.path.join(work, "store-d1"))
-        sizes, reads, worst = {}, {}, {"store": {}, "store-d1": {}}
+        manifest = read_manifest(os.path.join(work, "store"))
+        stores = {key: open_store(os.path.join(work, key)) for key, _, _ in VARIANTS}
+        exact = stores["store-exact"]
+        sizes, reads, worst = {}, {}, {"store": {}, "store-draft2": {}}
         for r in resolutions:
-            table = store.read(r, "train")
-            ref = full.read(r, "train").column("image").to_pylist()
-            for key, st in (("store", store), ("store-d1", d1)):
-                imgs = st.read(r, "train").column("image").to_pylist()
-                worst[key][r] = min(psnr(st.decode(a), full.decode(b)) for a, b in zip(imgs, ref))
+            for key in worst:
+                values = []
+                for split in exact.splits:
+                    ref = exact.read(r, split).column("image").to_pylist()
+                    imgs = stores[key].read(r, split).column("image").to_pylist()
+                    values += [psnr(exact.decode(x), exact.decode(y)) for x, y in zip(imgs, ref)]
+                worst[key][r] = min(values)
             sizes[r] = sum(s["bytes"] for s in manifest["shards"] if s["resolution"] == r)
+            table = stores["store"].read(r, "train")
             reads[r] = {}
             for enc in ENCODINGS:
-                t_enc = table if enc == store.encoding else reencode(table, store.encoding, enc)
+                t_enc = table if enc == manifest["encoding"] else reencode(table, manifest["encoding"], enc)
                 reads[r][enc] = read_throughput(t_enc, enc)
-        return _report(n, width, height, src_bytes, resolutions, ray_cpus, results, manifest, sizes, reads, worst), results
+        return _report(n, min_size, max_size, src_bytes, resolutions, ray_cpus, results, manifest, sizes,
+                       reads, worst), results
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _report(n, width, height, src_bytes, resolutions, ray_cpus, results, manifest, sizes, reads, worst) -> str:
+def _report(n, min_size, max_size, src_bytes, resolutions, ray_cpus, results, manifest, sizes, reads, worst) -> str:
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -184,28 +191,29 @@ def _report(n, width, height, src_bytes, resolutions, ray_cpus, results, manifes
     lines = [
         f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} CPUs visible (shared with other work while measured); "
         f"Python {platform.python_version()}, Pillow {Image.__version__}, pyarrow {pa.__version__}.",
-        f"Input: {n} synthetic radiograph JPEGs {width}x{height}, quality 95, {src_bytes / n / 1e6:.2f} MB each; "
-        f"resolutions {','.join(map(str, resolutions))}.",
+        f"Input: {n} phantom film JPEGs (burned-in text, laterality marker, collimation edges) of "
+        f"{min_size}-{max_size} px, quality 95, {src_bytes / n / 1e6:.2f} MB each; resolutions "
+        f"{','.join(map(str, resolutions))}.",
         "",
         "images/s per core = images / CPU seconds of the process (wall seconds x CPUs for Ray, whose",
-        "figure includes starting Ray and its workers).",
+        "figure includes starting Ray and its workers). PSNR: worst image of all splits against the",
+        "bit-exact store (full decode, Lanczos straight to each resolution).",
         "",
-        "| path | cores | wall s | CPU s | images/s per core | vs naive |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| path | cores | wall s | CPU s | images/s per core | vs naive | worst PSNR per resolution |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+
     def row(name, key, cores):
-        wall, cpu = results[key]
-        ips = n / cpu
-        lines.append(f"| {name} | {cores} | {wall:.1f} | {cpu:.1f} | {ips:.2f} | {ips / naive_ips:.1f}x |")
+        wall, cpu_s = results[key]
+        ips = n / cpu_s
+        quality = ", ".join(f"{r}: {v:.1f} dB" for r, v in worst[key].items()) if key in worst else \
+            ("exact (the reference)" if key == "store-exact" else "")
+        lines.append(f"| {name} | {cores} | {wall:.1f} | {cpu_s:.1f} | {ips:.2f} | {ips / naive_ips:.1f}x | {quality} |")
     row("naive (per resolution: open, decode, Lanczos, write PNG)", "naive", 1)
-    row("store builder, in process (reduced JPEG decode, default)", "store", 1)
-    row("store builder, in process, draft factor 1 (`--draft-factor 1`)", "store-d1", 1)
-    row("store builder, in process, full decode (`--draft-factor 0`, bit-exact)", "store-full", 1)
+    for key, label, _ in VARIANTS:
+        row(label, key, 1)
     if "store-ray" in results:
         row("store builder on local Ray (incl. Ray start-up)", "store-ray", ray_cpus)
-    lines += [""] + [f"Worst per-image PSNR against the full-decode store, {name}: "
-                     + ", ".join(f"{r}px {v:.1f} dB" for r, v in worst[key].items()) + " (requirement: >= 50 dB)."
-                     for key, name in (("store", "draft factor 2 (default)"), ("store-d1", "draft factor 1"))]
     lines += ["",
               f"Store size ({manifest['encoding']}, all splits) and read throughput (train split, one core, "
               "best of 3, rows per CPU second: Parquet bytes in memory -> numpy arrays):", "",
@@ -220,8 +228,8 @@ def _report(n, width, height, src_bytes, resolutions, ray_cpus, results, manifes
 
 def add_arguments(parser) -> None:
     parser.add_argument("--images", type=int, default=40, help="number of source JPEGs to generate")
-    parser.add_argument("--width", type=int, default=2320, help="source width in pixels")
-    parser.add_argument("--height", type=int, default=2832, help="source height in pixels")
+    parser.add_argument("--min-size", type=int, default=2000, help="smallest source side in pixels")
+    parser.add_argument("--max-size", type=int, default=3000, help="largest source side in pixels")
     parser.add_argument("--resolutions", default=",".join(map(str, DEFAULT_RESOLUTIONS)))
     parser.add_argument("--ray-cpus", type=int, default=0, help="also time the builder on a local Ray with this many CPUs (0: skip)")
     parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (default: a temporary folder, removed)")
@@ -232,7 +240,9 @@ def run(args) -> int:
     if args.images < 1:
         raise UserError("--images: need at least 1")
     resolutions = parse_int_list(args.resolutions, "--resolutions")
-    report, _ = run_bench(args.images, args.width, args.height, resolutions, args.ray_cpus, args.keep)
+    if not 64 <= args.min_size <= args.max_size:
+        raise UserError(f"--min-size/--max-size: need 64 <= min ({args.min_size}) <= max ({args.max_size})")
+    report, _ = run_bench(args.images, args.min_size, args.max_size, resolutions, args.ray_cpus, args.keep)
     command = "python -m bench.store_bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     text = f"Command: `{command}`\n\n{report}"
     print(text)

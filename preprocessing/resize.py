@@ -4,10 +4,19 @@ The output of every resolution is grayscale (mode ``L``), square and resized wit
 filter from the WHOLE image: a non-square source is squashed to R x R, never cropped, so nothing
 near the border (costophrenic angles, apices) is lost and every resolution sees the same anatomy.
 
-Speed: a JPEG may be decoded at a reduced size by libjpeg's DCT scaling (``Image.draft``) as long as
-the reduced image is at least ``draft_factor`` times the largest requested resolution on both sides.
-tests/test_resize.py checks that the result stays within 50 dB PSNR of the full-decode reference
-(:func:`reference_resize`); with ``draft_factor=None`` the output equals the reference exactly.
+The definition the store is held to is :func:`reference_resize`: full decode, Lanczos straight to
+R x R. A Lanczos pass costs in proportion to the pixels it reads, so five of them from a 6-megapixel
+film cost five times one. The default path decodes once at full size, shrinks the film with Pillow's
+bicubic filter (aspect kept) to ``reduce_factor`` (2) x R on its short side, and takes Lanczos from
+there; each smaller resolution starts from the last such image still large enough (a pyramid). The
+bicubic step's passband reaches far above the final Nyquist limit and its stopband folds almost
+nothing into it, so the result stays >= 50 dB PSNR of the reference on films with burned-in text,
+markers and collimation edges (tests/test_resize.py; measured in docs/store.md). ``reduce_factor=None``
+gives the reference exactly.
+
+A reduced JPEG decode (libjpeg's DCT scaling, ``Image.draft``, ``draft_factor``) stays available but
+is off: it saves almost no decoding time, and its block-wise truncation aliases thin saturated strokes
+into every band (about 41 dB on such films).
 
 Conversions that change the pixel values are reported (never silent): colour images become ``L``
 with Pillow's ITU-R 601-2 luma transform, 16-bit / 32-bit images are scaled to 0..255 by their own
@@ -25,9 +34,14 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-#: Reduced JPEG decode keeps the decoded size >= this factor x the largest resolution (tested: PSNR).
-DEFAULT_DRAFT_FACTOR = 2.0
+#: Reduced (DCT-scaled) JPEG decode: off by default. It saves almost no decoding time (entropy
+#: decoding dominates) and departs from a full decode by up to 17 dB more than the floor allows on
+#: films with burned-in text (docs/store.md). Kept as an option (--draft-factor).
+DEFAULT_DRAFT_FACTOR = None
+#: Bicubic pre-reduction to this factor x each resolution before the Lanczos step (measured: PSNR).
+DEFAULT_REDUCE_FACTOR = 2.0
 LANCZOS = Image.Resampling.LANCZOS
+BICUBIC = Image.Resampling.BICUBIC
 #: A source whose short side is below 1/MAX_UPSCALE of the largest resolution is flagged degenerate.
 MAX_UPSCALE = 4.0
 #: A source longer than MAX_ASPECT_RATIO x its short side is flagged degenerate (chest films are
@@ -124,11 +138,15 @@ def open_image(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[
     return image, source_mode, source_size
 
 
-def resize_image(data: bytes, resolutions: Iterable[int],
-                 draft_factor: float | None = DEFAULT_DRAFT_FACTOR) -> Resized:
+def resize_image(data: bytes, resolutions: Iterable[int], draft_factor: float | None = None,
+                 reduce_factor: float | None = DEFAULT_REDUCE_FACTOR) -> Resized:
     """Decode ``data`` once and return every resolution (grayscale, squashed square, Lanczos).
 
-    ``draft_factor=None`` decodes at full size: the result then equals :func:`reference_resize`.
+    ``reduce_factor`` (module docstring): first shrink the decoded image with Pillow's bicubic filter,
+    keeping its aspect ratio, to ``reduce_factor`` x the resolution on its short side, then Lanczos to
+    R x R. Each smaller resolution starts from the smallest such image made so far (a pyramid), so
+    only the first reduction reads the full-size image. ``reduce_factor=None`` and ``draft_factor=None`` give exactly
+    :func:`reference_resize`.
     """
     resolutions = sorted({int(r) for r in resolutions}, reverse=True)
     if not resolutions:
@@ -143,13 +161,26 @@ def resize_image(data: bytes, resolutions: Iterable[int],
         conversion = f"{source_mode}->L"   # the JPEG decoder already converted (draft to 'L')
     out = {}
     try:
+        source = gray
         for r in resolutions:
-            out[r] = np.asarray(gray.resize((r, r), LANCZOS), dtype=np.uint8)
+            if reduce_factor is not None:
+                source = _reduced(source, r * float(reduce_factor))
+            out[r] = np.asarray(source.resize((r, r), LANCZOS), dtype=np.uint8)
     except Exception as exc:  # e.g. a zero-sized image
         raise ImageRejected(f"cannot resize image: {stable_text(exc)}") from None
     return Resized(images=out, source_size=source_size, source_mode=source_mode,
                    conversion=conversion, decoded_size=gray.size,
                    degenerate=degenerate_reason(source_size, resolutions))
+
+
+def _reduced(image: Image.Image, short_side: float) -> Image.Image:
+    """``image`` shrunk (bicubic, aspect kept) so its short side is ``short_side``; itself when that
+    would save less than a third of its pixels (a resize costs more than it saves then)."""
+    width, height = image.size
+    scale = short_side / min(width, height)
+    if scale > 0.8:
+        return image
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), BICUBIC)
 
 
 def reference_resize(data: bytes, resolution: int) -> np.ndarray:

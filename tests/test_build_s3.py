@@ -22,7 +22,7 @@ def test_build_verify_read_and_rerun_on_s3(tmp_path, s3_endpoint, capsys):
     rows = make_dataset(root, 3, 1)
     csvs = write_dataset(root, rows)
     manifest = build.build_store(str(root), csvs, out, resolutions=[16, 32], shard_size=2,
-                                 use_ray=False, draft_factor=None, progress=False)
+                                 use_ray=False, draft_factor=None, reduce_factor=None, progress=False)
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="stores")["Contents"])
     assert "demo/store/manifest.json" in keys and "demo/store/rejects.csv" in keys
     assert "demo/store/res32/train/shard-00001.parquet" in keys
@@ -40,7 +40,7 @@ def test_build_verify_read_and_rerun_on_s3(tmp_path, s3_endpoint, capsys):
 
     built = []
     build.build_store(str(root), csvs, out, resolutions=[16, 32], shard_size=2, use_ray=False,
-                      draft_factor=None, progress=False, on_shard=built.append)
+                      draft_factor=None, reduce_factor=None, progress=False, on_shard=built.append)
     assert built == []                                   # every shard was already done
 
     body = bytearray(client.get_object(Bucket="stores", Key="demo/store/res16/valid/shard-00000.parquet")["Body"].read())

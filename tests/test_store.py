@@ -109,7 +109,7 @@ def test_round_trip_equals_reference_lanczos(tmp_path):
     csvs = write_dataset(root, rows)
     out = str(tmp_path / "store")
     manifest = build.build_store(str(root), csvs, out, resolutions=RES, shard_size=3, use_ray=False,
-                                 draft_factor=None, progress=False)
+                                 draft_factor=None, reduce_factor=None, progress=False)
     assert manifest["counts"]["rows_in"] == 8 and manifest["counts"]["stored"] == 8
     assert manifest["counts"]["rejected"] == 0 and manifest["dataset"] == "chexpert"
     assert manifest["encoding"] == "raw-uint8"
@@ -137,7 +137,7 @@ def test_round_trip_equals_reference_lanczos(tmp_path):
     assert verify_store(out) == []
     # Same inputs, same content: the hash ignores only the creation time.
     again = build.build_store(str(root), csvs, str(tmp_path / "store2"), resolutions=RES, shard_size=3,
-                              use_ray=False, draft_factor=None, progress=False)
+                              use_ray=False, draft_factor=None, reduce_factor=None, progress=False)
     assert manifest_hash({**again, "image_root": manifest["image_root"]}) == manifest_hash(manifest)
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
 
