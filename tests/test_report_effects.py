@@ -56,10 +56,11 @@ class Fabricated:
 
 
 def fabricate(root, *, resolutions=(64, 128), models=("resnet18", "resnet34"), seeds=(0,),
-              task_mode="multi", studies=80, phantom=True, finished=None,
-              checkpoint=None) -> Fabricated:
+              task_mode="multi", studies=80, phantom=True, finished=None, checkpoint=None,
+              boost=None) -> Fabricated:
     """A sweep folder under ``root``. ``finished(params) -> bool`` picks the trials with records
-    (default all); ``checkpoint(params, key)`` returning a state_dict writes best-<key>.pt."""
+    (default all); ``checkpoint(params, key)`` returning a state_dict writes best-<key>.pt;
+    ``boost`` = {model: extra class separation} plants another best model."""
     root = str(root)
     store = os.path.join(root, "store")
     manifest = {"format_version": 1, "dataset": "phantom" if phantom else "chexpert",
@@ -108,8 +109,8 @@ def fabricate(root, *, resolutions=(64, 128), models=("resnet18", "resnet34"), s
         rows, best = [], {}
         for k in keys:
             j = KEYS.index(k)
-            s = trial_rng.normal(size=studies) + separation(TASKS[j], p["resolution"], p["model"]) \
-                * np.nan_to_num(labels[:, j])
+            sep = separation(TASKS[j], p["resolution"], p["model"]) + (boost or {}).get(p["model"], 0)
+            s = trial_rng.normal(size=studies) + sep * np.nan_to_num(labels[:, j])
             prob = (1 / (1 + np.exp(-s))).astype(np.float32)
             mask = ~np.isnan(labels[:, j])
             for sid, lab, pr in zip(np.array(study_ids)[mask], labels[mask, j], prob[mask]):
