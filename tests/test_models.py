@@ -276,3 +276,154 @@ def test_smallcnn_has_no_imagenet_weights_and_a_stride_32_body():
     model = create_model("smallcnn", 64, 5, weights="none")
     assert model.body(torch.zeros(2, 3, 64, 64)).shape == (2, 128, 2, 2)
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+# --- metadata registered with the model -------------------------------------------------------
+def test_every_registered_model_has_its_metadata():
+    from trainer.models import model_info
+    for name in list_models():
+        if name == "efficientnet":
+            continue
+        info = model_info(name)
+        assert info.name == name and info.family and info.source
+        if name in models.NO_IMAGENET_WEIGHTS:
+            assert not info.has_imagenet_weights and info.weights_url is None
+        else:
+            assert info.weights_url.startswith("https://")
+            assert info.weights_file == f"{name}-imagenet.pth"
+            assert info.published_gmacs_224 > 0 and info.cost_source
+            # the classifier the body drops is the one the original network has
+            with torch.device("meta"):
+                net = models.registry.builder(name)(64)
+            assert any(k.startswith(info.classifier_prefix) for k in net.state_dict())
+    assert model_info("efficientnet").compound_scaled
+    assert model_info("efficientnet", 480).name == "efficientnet-b5"
+    assert {model_info(n).family for n in ("resnet18", "densenet161", "efficientnet-b7",
+                                          "smallcnn")} == {"resnet", "densenet", "efficientnet",
+                                                           "smallcnn"}
+
+
+@pytest.mark.parametrize("family", ["resnet", "densenet", "efficientnet"])
+def test_size_order_follows_the_parameter_count(family):
+    from trainer.models import model_info
+    members = [n for n in list_models() if n != "efficientnet" and model_info(n).family == family]
+    assert len(members) >= 3
+    by_order = sorted(members, key=lambda n: model_info(n).size_order)
+    by_params = sorted(members, key=lambda n: n_params(shared_meta_model(n).body_parameters()))
+    assert by_order == by_params
+
+
+# --- fastai's layer groups and head --------------------------------------------------------
+def ids(params) -> list[int]:
+    return [id(p) for p in params]
+
+
+@pytest.mark.parametrize("name, groups", [("resnet50", 3), ("densenet121", 3),
+                                          ("efficientnet-b0", 2), ("smallcnn", 2)])
+def test_layer_groups_cover_every_parameter_once(name, groups):
+    model = shared_meta_model(name)
+    split = model.layer_groups()
+    assert len(split) == groups and all(split)
+    flat = [i for g in split for i in ids(g)]
+    assert len(flat) == len(set(flat)) and set(flat) == set(ids(model.parameters()))
+    assert ids(split[-1]) == ids(model.head_parameters())
+
+
+def test_resnet_and_densenet_groups_are_cut_where_fastai_cuts():
+    model = shared_meta_model("resnet50")
+    first, second, _ = model.layer_groups()
+    body = model.body
+    assert set(ids(first)) == set(ids(p for m in (body.conv1, body.bn1, body.layer1, body.layer2)
+                                      for p in m.parameters()))
+    assert set(ids(second)) == set(ids(p for m in (body.layer3, body.layer4) for p in m.parameters()))
+    model = shared_meta_model("densenet121")
+    first, second, _ = model.layer_groups()
+    assert ids(first)[-1] == id(list(model.body.features.denseblock2.parameters())[-1])
+    assert ids(second)[0] == id(next(model.body.features.transition2.parameters()))
+
+
+@pytest.fixture(scope="module")
+def fastai_learner():
+    return pytest.importorskip("fastai.vision.learner")
+
+
+@pytest.mark.parametrize("arch, groups", [("resnet18", 3), ("densenet121", 3),
+                                          ("efficientnet-b0", 2)])
+def test_layer_groups_match_fastais_splitters(fastai_learner, arch, groups):
+    # fastai cuts the original network into its body (create_body, sharing the modules) and
+    # splits body + head with the arch's splitter; ours must give the same parameters per group
+    import torchvision.models as tvm
+    from fastai.vision.learner import create_body, default_split, model_meta
+
+    torch.manual_seed(0)
+    net = models.registry.builder(arch)(64)
+    ours = CXRNet(models.builtin.body_of(net), models.builtin.body_of(net).num_features, 1)
+    if arch == "efficientnet-b0":  # not in fastai's model_meta: default_split on (body, head)
+        fastai_model = nn.Sequential(ours.body, ours.head)
+        split = default_split
+    else:
+        meta = model_meta[getattr(tvm, arch)]
+        fastai_model = nn.Sequential(create_body(net, cut=meta["cut"]), ours.head)
+        split = meta["split"]
+    theirs = [ids(g) for g in split(fastai_model)]
+    assert len(theirs) == groups
+    assert [ids(g) for g in ours.layer_groups()] == theirs
+
+
+def test_head_is_fastais_create_head(fastai_learner):
+    from fastai.layers import AdaptiveConcatPool2d
+    from fastai.torch_core import apply_init
+    from fastai.vision.learner import create_head
+
+    for f, outputs in ((64, 5), (2048, 1)):
+        torch.manual_seed(11)
+        theirs = create_head(f, outputs, lin_ftrs=[512], ps=0.6)  # ps 0.6: dropouts 0.3, 0.6
+        apply_init(theirs, nn.init.kaiming_normal_)               # as create_vision_model does
+        torch.manual_seed(11)
+        ours = models.CXRHead(f, outputs)
+        assert isinstance(theirs[0], AdaptiveConcatPool2d)
+        layers = list(theirs)[2:]
+        assert [type(m) for m in layers] == [type(m) for m in list(ours.classifier)[1:]]
+        for a, b in zip(layers, list(ours.classifier)[1:]):
+            if isinstance(a, nn.Dropout):
+                assert a.p == b.p
+            for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+                assert ka == kb and torch.equal(va, vb), (type(a).__name__, ka)
+        fmap = torch.randn(3, f, 4, 4)
+        assert torch.equal(theirs[1](theirs[0](fmap)), ours.classifier[0](
+            torch.cat([ours.max_pool(fmap), ours.avg_pool(fmap)], 1)))
+        theirs.eval(), ours.eval()
+        assert torch.equal(theirs(fmap), ours(fmap))
+
+
+def test_densenet_body_ends_at_norm5_like_fastais(fastai_learner):
+    import torchvision.models as tvm
+    from fastai.vision.learner import create_body, model_meta
+
+    torch.manual_seed(0)
+    net = tvm.densenet121(weights=None).eval()
+    fastai_body = create_body(net, cut=model_meta[tvm.densenet121]["cut"])
+    ours = models.builtin.body_of(net).eval()
+    literal = models.builtin.body_of(net, densenet_final_relu=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference, out, relu = fastai_body(x), ours(x), literal(x)
+    assert torch.equal(out, reference) and (out < 0).any()
+    assert torch.equal(relu, torch.relu(reference))
+    model = create_model("densenet121", 32, 1, weights="none", densenet_final_relu=True)
+    assert model.body.final_relu and not create_model("densenet121", 32, 1, weights="none").body.final_relu
+
+
+# --- cost -----------------------------------------------------------------------------------
+def test_model_flops_counts_without_running():
+    from trainer.models import COUNTED, forward_cost, model_flops
+    # body and head, one output, 2 FLOPs per multiply-accumulate: torchvision publishes 4.09
+    # GMACs for ResNet-50 at 224 px; convolution cost scales with pixels
+    assert model_flops("resnet50", 224) == pytest.approx(2 * 4.09e9, rel=0.01)
+    assert model_flops("resnet50", 448) == pytest.approx(4 * model_flops("resnet50", 224), rel=0.01)
+    assert model_flops("efficientnet", 320) == model_flops("efficientnet-b3", 320)
+    cost = forward_cost("densenet121", 448)
+    assert cost.flops == pytest.approx(2e9 * 2.87 * 4) and cost.source.startswith("published: ")
+    cost = forward_cost("smallcnn", 480)
+    assert cost.source == COUNTED and cost.flops == model_flops("smallcnn", 480)
+    assert 0.55e9 < cost.flops < 0.65e9  # SmallCNN's docstring: 0.6 GFLOPs forward at 480 px

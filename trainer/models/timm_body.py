@@ -139,14 +139,27 @@ def _add_net_prefix(module, state_dict, prefix, local_metadata, strict, missing_
         state_dict[prefix + "net." + key[len(prefix):]] = state_dict.pop(key)
 
 
+def _meta_net(name: str) -> nn.Module:
+    """The body network on the meta device, or a UserError when timm cannot build it as one."""
+    from common.cli import UserError
+    with torch.device("meta"):
+        try:
+            return build_timm_net(name)
+        except (AssertionError, ValueError, RuntimeError) as exc:  # e.g. a head that must pool
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{TIMM_PREFIX}{name} cannot be built without its classifier and "
+                            f"pooling (num_classes=0, global_pool=''): {first}") from None
+
+
 @functools.lru_cache(maxsize=None)
 def timm_feature_shape(name: str, resolution: int) -> tuple[int, int, int]:
     """(F, h, w) of the body's feature map, from a forward on the meta device (free). A model that
-    cannot run at ``resolution`` (a fixed input size, too small for its strides) is a UserError."""
+    cannot be a body (its head must pool) or cannot run at ``resolution`` (a fixed input size,
+    too small for its strides) is a UserError."""
     from common.cli import UserError
     resolution = check_resolution(resolution)
     with torch.device("meta"):
-        net = build_timm_net(name).eval()
+        net = _meta_net(name).eval()
         try:
             out = _to_feature_map(net, net(torch.zeros(1, 3, resolution, resolution)),
                                   (resolution, resolution))
@@ -169,8 +182,7 @@ def timm_info(model: str) -> ModelInfo:
     name = model[len(TIMM_PREFIX):]
     arch = timm.models.get_arch_name(name)
     module = timm.models._registry._model_to_module.get(arch, arch)  # e.g. 'convnext'
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_timm_net(name).parameters())
+    params = sum(p.numel() for p in _meta_net(name).parameters())
     cfg = get_pretrained_cfg(name)
     source = (cfg.hf_hub_id or cfg.url or None) if cfg is not None else None
     classifier = cfg.classifier if cfg is not None and isinstance(cfg.classifier, str) else ""

@@ -178,7 +178,10 @@ def load_weights_file(model: nn.Module, location: str, classifier_prefix: str) -
         state = state["model"]
     state = _strip_wrappers(state)
     source = storage.display(location)
-    if any(k.startswith("head.") for k in state):
+    # a CXRNet state_dict has only body.* and head.* keys; a body's own keys may start with
+    # "head." too (timm's ConvNeXt keeps its final norm in "head.norm")
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if prefixes == {"body", "head"}:
         load_strict(model, state, "", source)
         return
     if state and all(k.startswith("body.") for k in state):
