@@ -1,11 +1,11 @@
 """Grad-CAM heatmaps of a sweep's best checkpoint per task and resolution over given images.
 
-Grad-CAM (Selvaraju et al. 2017): the gradient of a task's logit with respect to the body's last
-feature map A (N, F, h, w), averaged over space, weighs A's channels; ReLU of the weighted sum is
-the heatmap (h x w), upsampled bilinearly to the input. Plain forward/backward hooks on
-``model.body`` (trainer.models: CXRNet.body is the feature extractor), no extra package. The
-heatmap's coarseness is the feature map's size, which is why each panel states it: at 160 px a
-ResNet's map is 5 x 5, at 480 px 15 x 15.
+The maps come from pytorch-grad-cam (the ``grad-cam`` package): Grad-CAM (Selvaraju et al. 2017)
+by default, Grad-CAM++, HiResCAM, XGradCAM, LayerCAM or EigenCAM by ``--method``. The target
+layer is ``model.body`` (trainer.models: CXRNet.body is the feature extractor, whatever the
+architecture, timm models included), the target the task's logit. The package normalises each
+map to [0, 1] and resizes it bilinearly to the input. The heatmap's coarseness is the feature
+map's size, which is why each panel states it: at 160 px a ResNet's map is 5 x 5, at 480 px 15 x 15.
 
 Images are preprocessed exactly as the store and the trainer's validation path do: grayscale,
 Lanczos resize of the whole image to R x R (``preprocessing.resize.reference_resize``), repeated to
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import posixpath
 import sys
 from dataclasses import dataclass
@@ -28,9 +27,15 @@ import pandas as pd
 from common import storage
 from common.cli import HelpFormatter, UserError, run_cli
 from common.schema import TASK_KEYS, TASKS, task_key
+from common.sweep_folder import SweepFolder
 
 #: NIH ChestX-ray14 finding labels (BBox_List_2017.csv) that name one of our tasks differently.
 NIH_LABEL_TO_TASK = {"effusion": "pleural_effusion"}
+
+#: --method -> the pytorch-grad-cam class (methods that need one forward pass per channel, such
+#: as ScoreCAM, are left out: too slow for a panel per task and resolution on a CPU).
+CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+               "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM"}
 
 
 # --- Grad-CAM ------------------------------------------------------------------------------------
@@ -41,41 +46,34 @@ class CamResult:
     feature_map: tuple[int, int]  # (h, w) of the body's output
 
 
-def gradcam(model, images, output: int) -> CamResult:
-    """Grad-CAM of logit ``output`` for a batch of model inputs (N, 3, R, R).
+def gradcam(model, images, output: int, method: str = "gradcam") -> CamResult:
+    """The class-activation map of logit ``output`` for a batch of model inputs (N, 3, R, R).
 
-    The model is used in eval mode (BatchNorm statistics, no dropout) and left in its prior mode.
+    The model is used in eval mode (BatchNorm statistics, no dropout) and left in its prior mode,
+    with no hooks left behind.
     """
+    import pytorch_grad_cam
     import torch
-    import torch.nn.functional as F
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    store: dict = {}
-
-    def keep(module, inputs, out):
-        store["acts"] = out
-        out.register_hook(lambda grad: store.__setitem__("grads", grad))
-
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r} (known: {', '.join(CAM_METHODS)})")
+    cam_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
     was_training = model.training
-    model.eval()
-    handle = model.body.register_forward_hook(keep)
+    # An input that needs a gradient gives the body's output one even when the body is frozen.
+    x = images.detach().clone().requires_grad_(True)
+    heatmaps = None
     try:
-        x = images.detach().clone().requires_grad_(True)   # a graph even when the body is frozen
-        with torch.enable_grad():
-            logits = model(x)                               # N, outputs
-            model.zero_grad(set_to_none=True)
-            # Images are independent in eval mode: the sum's gradient is each image's own.
-            logits[:, output].sum().backward()
+        with torch.enable_grad(), cam_class(model=model, target_layers=[model.body]) as cam:
+            heatmaps = cam(input_tensor=x, targets=[ClassifierOutputTarget(output)] * len(x))
+            logits = cam.outputs.detach().float()                       # N, outputs
+            acts = cam.activations_and_grads.activations[0]             # N, F, h, w
     finally:
-        handle.remove()
         model.train(was_training)
-    acts, grads = store["acts"].detach().float(), store["grads"].detach().float()  # N, F, h, w
-    weights = grads.mean(dim=(2, 3), keepdim=True)                                  # N, F, 1, 1
-    cam = F.relu((weights * acts).sum(dim=1, keepdim=True))                         # N, 1, h, w
-    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).max(dim=1).values.clamp(min=1e-12).view(-1, 1, 1)
-    cam = torch.where(peak > 1e-12, cam / peak, torch.zeros_like(cam))
-    probs = torch.sigmoid(logits[:, output].detach().float())
-    return CamResult(cam.cpu().numpy().astype(np.float32), probs.cpu().numpy(),
+    if heatmaps is None:   # the package reports an IndexError by printing it and carrying on
+        raise RuntimeError(f"{method}: no map computed for output {output}")
+    probs = torch.sigmoid(logits[:, output])
+    return CamResult(np.asarray(heatmaps, dtype=np.float32), probs.cpu().numpy(),
                      (int(acts.shape[-2]), int(acts.shape[-1])))
 
 
@@ -147,10 +145,11 @@ class Box:
     h: float
 
 
-def read_boxes(location: str) -> list[Box]:
+def read_boxes(location: str, task_keys: Sequence[str] = TASK_KEYS) -> list[Box]:
     """NIH ChestX-ray14 ``BBox_List_2017.csv``: Image Index, Finding Label, Bbox [x, y, w, h] (four
     columns, pixels of the original image). Columns are taken by position (the official header
-    spreads 'Bbox [x,y,w,h]' over four cells)."""
+    spreads 'Bbox [x,y,w,h]' over four cells). A finding names a task of ``task_keys`` directly
+    (an NIH-trained sweep has 'Effusion') or through NIH_LABEL_TO_TASK (a CheXpert-trained one)."""
     try:
         frame = pd.read_csv(io.BytesIO(storage.read_bytes(location)))
     except FileNotFoundError:
@@ -170,9 +169,10 @@ def read_boxes(location: str) -> list[Box]:
             raise UserError(f"--boxes: {location} line {i}: {exc}") from None
         label = str(row[1]).strip()
         key = task_key(label)
-        key = NIH_LABEL_TO_TASK.get(key, key)
+        if key not in task_keys:
+            key = NIH_LABEL_TO_TASK.get(key, key)
         boxes.append(Box(posixpath.basename(str(row[0]).strip()), label,
-                         key if key in TASK_KEYS else None, x, y, w, h))
+                         key if key in task_keys else None, x, y, w, h))
     return boxes
 
 
@@ -190,12 +190,13 @@ class BestRun:
 
 
 def best_checkpoints(sweep_location: str, tasks: Sequence[str] | None = None,
-                     resolutions: Sequence[int] | None = None) -> list[BestRun]:
-    """Per task and resolution, the finished run with the highest best-epoch AUROC (the
-    aggregator's table) and its ``checkpoints/best-<task>.pt``."""
-    from analysis import aggregate as agg
-    from orchestrator.ledger import trial_dir
-    data = agg.load_sweep(sweep_location)
+                     resolutions: Sequence[int] | None = None, data=None) -> list[BestRun]:
+    """Per task and resolution the run of analysis.tables.best_runs (the highest best-epoch AUROC
+    of the sweep's main configuration) and its best checkpoint for that task. ``data``: the
+    sweep already loaded (analysis.records.SweepData), to spare a second read."""
+    from analysis.records import load_sweep
+    from analysis.tables import best_runs
+    data = data if data is not None else load_sweep(sweep_location)
     t = data.trials[data.trials["best_auroc"].notna()] if not data.trials.empty else data.trials
     if t.empty:
         raise UserError(f"sweep {storage.display(sweep_location)} has no finished trial with an AUROC")
@@ -205,28 +206,26 @@ def best_checkpoints(sweep_location: str, tasks: Sequence[str] | None = None,
         t = t[t["resolution"].isin([int(r) for r in resolutions])]
     if t.empty:
         raise UserError("no finished trial matches --tasks / --resolutions")
-    idx = t.groupby(["task_key", "resolution"], sort=False)["best_auroc"].idxmax()
+    records = {r.trial_id: r for r in data.records}
     runs = []
-    for _, row in t.loc[idx.values].iterrows():
-        tdir = trial_dir(sweep_location, row["trial_id"])
+    for _, row in best_runs(t).iterrows():
+        rec = records[row["trial_id"]]
         runs.append(BestRun(task_key=row["task_key"], resolution=int(row["resolution"]),
                             model=str(row["model"]), auroc=float(row["best_auroc"]),
                             epoch=int(row["best_epoch"]), trial_id=row["trial_id"],
-                            checkpoint=storage.join(tdir, "checkpoints", f"best-{row['task_key']}.pt"),
-                            outputs=_outputs_of(tdir)))
+                            checkpoint=rec.folder.best_checkpoint(row["task_key"]),
+                            outputs=_outputs_of(rec.result or {}, rec.config or {})))
     order = {k: i for i, k in enumerate(TASK_KEYS)}
     return sorted(runs, key=lambda r: (r.resolution, order.get(r.task_key, 99)))
 
 
-def _outputs_of(tdir: str) -> list[str]:
-    """The model's output order: result.json's ``tasks``, else from its config."""
-    result = storage.read_json(storage.join(tdir, "result.json"))
+def _outputs_of(result: dict, config: dict) -> list[str]:
+    """The model's output order: result.json's ``tasks``, else from the trial's config."""
     if isinstance(result.get("tasks"), list):
         return [task_key(k) for k in result["tasks"]]
-    cfg = result.get("config") or {}
-    if cfg.get("task_mode") == "single":
-        return [task_key(cfg["task"])]
-    return [task_key(k) for k in cfg.get("tasks", TASKS)]
+    if config.get("task_mode") == "single":
+        return [task_key(config["task"])]
+    return [task_key(k) for k in config.get("tasks", TASKS)]
 
 
 def load_model(run: BestRun, device: str = "cpu"):
@@ -251,7 +250,7 @@ class Panel:
 
 
 def compute_panels(runs: list[BestRun], images: list[InputImage], device: str = "cpu",
-                   progress: bool = False) -> list[Panel]:
+                   progress: bool = False, method: str = "gradcam") -> list[Panel]:
     """One panel per (image, run); a run whose checkpoint cannot be loaded gives panels that say so."""
     panels = []
     iterator = runs
@@ -271,7 +270,7 @@ def compute_panels(runs: list[BestRun], images: list[InputImage], device: str = 
             panels += [Panel(run, im, px, None, error=f"model has no output {run.task_key}")
                        for im, px in zip(images, pixels)]
             continue
-        cam = gradcam(model, model_input(pixels).to(device), run.outputs.index(run.task_key))
+        cam = gradcam(model, model_input(pixels).to(device), run.outputs.index(run.task_key), method)
         for k, (im, px) in enumerate(zip(images, pixels)):
             panels.append(Panel(run, im, px, cam.heatmaps[k], float(cam.probabilities[k]),
                                 cam.feature_map))
@@ -281,7 +280,7 @@ def compute_panels(runs: list[BestRun], images: list[InputImage], device: str = 
     return panels
 
 
-def render(panels: list[Panel], boxes: list[Box] | None = None) -> bytes:
+def render(panels: list[Panel], boxes: list[Box] | None = None, method: str = "gradcam") -> bytes:
     """PNG: rows = image x resolution, columns = tasks."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -327,7 +326,7 @@ def render(panels: list[Panel], boxes: list[Box] | None = None) -> bytes:
                 if b.image == p.image.file_name and b.task_key == key:
                     ax.add_patch(Rectangle((b.x * sx - 0.5, b.y * sy - 0.5), b.w * sx, b.h * sy,
                                            fill=False, edgecolor="lime", lw=1.4))
-    fig.suptitle("Grad-CAM of the best checkpoint per task and resolution"
+    fig.suptitle(f"{CAM_METHODS.get(method, method)} of the best checkpoint per task and resolution"
                  + ("  (green: ground-truth boxes)" if any(b.task_key for b in boxes) else ""),
                  fontsize=11)
     buf = io.BytesIO()
@@ -340,52 +339,65 @@ HELP = "Grad-CAM heatmaps of a sweep's best checkpoint per task and resolution"
 EPILOG = """examples:
   python -m analysis.gradcam --sweep sweeps/thesis --images view1_frontal.jpg
   python -m analysis.gradcam --sweep sweeps/thesis --images 00000013_005.png 00000032_037.png \\
-      --boxes BBox_List_2017.csv --tasks Atelectasis,Cardiomegaly --out results/thesis/gradcam.png
+      --boxes BBox_List_2017.csv --tasks Atelectasis,Cardiomegaly --method gradcam++
 
 --boxes reads NIH ChestX-ray14's BBox_List_2017.csv format (Image Index, Finding Label, x, y, w, h in
 pixels of the original image); boxes are drawn where the image name and the finding match a task
-(Effusion -> Pleural Effusion). Rows = image x resolution, columns = tasks."""
+(Effusion -> Pleural Effusion). Rows = image x resolution, columns = tasks. The maps are computed
+by pytorch-grad-cam on the model's body (its last feature map)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", required=True, help="the sweep's storage location")
     parser.add_argument("--images", nargs="+", required=True, help="image files (JPEG, PNG, ...)")
     parser.add_argument("--boxes", default=None, help="ground-truth boxes, NIH BBox_List CSV format")
-    parser.add_argument("--out", default=None,
-                        help="output PNG (default: results/<sweep name>/gradcam.png)")
+    parser.add_argument("--out", default=None, help="output PNG (default: SWEEP/results/gradcam.png)")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     parser.add_argument("--resolutions", default=None, help="comma-separated resolutions (default: all)")
+    parser.add_argument("--method", default="gradcam", choices=list(CAM_METHODS),
+                        help="class-activation method of pytorch-grad-cam")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _sweep_tasks(data) -> list[str]:
+    """Task keys the sweep knows: its store's task list, else the tasks of its trials."""
+    names = list((data.manifest or {}).get("tasks") or [])
+    keys = [task_key(str(t)) for t in names]
+    if not data.trials.empty:
+        keys += [k for k in dict.fromkeys(data.trials["task_key"]) if k not in keys]
+    return keys or list(TASK_KEYS)
+
+
 def run(args: argparse.Namespace) -> int:
+    from analysis.records import load_sweep
     from common.cli import parse_int_list
-    tasks = None
-    if args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        for t in tasks:
-            if task_key(t) not in TASK_KEYS:
-                raise UserError(f"--tasks: {t!r} is not one of {', '.join(TASKS)}")
     resolutions = parse_int_list(args.resolutions, "--resolutions") if args.resolutions else None
     if not storage.exists(args.sweep):
         raise UserError(f"--sweep: {storage.display(args.sweep)} does not exist")
+    data = load_sweep(args.sweep)
+    tasks = None
+    if args.tasks:
+        known = _sweep_tasks(data)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for t in tasks:
+            if task_key(t) not in known:
+                names = dict(zip(TASK_KEYS, TASKS))
+                raise UserError(f"--tasks: {t!r} is not a task of this sweep "
+                                f"({', '.join(names.get(k, k) for k in known)})")
     images = [read_image(p) for p in args.images]
     if len({storage.display(im.location) for im in images}) != len(images):
         raise UserError("--images: an image is given twice")
     unique_names(images)
-    boxes = read_boxes(args.boxes) if args.boxes else []
+    boxes = read_boxes(args.boxes, _sweep_tasks(data)) if args.boxes else []
     device = args.device
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    runs = best_checkpoints(args.sweep, tasks, resolutions)
-    panels = compute_panels(runs, images, device=device, progress=not args.quiet)
-    png = render(panels, boxes)
-    out = args.out
-    if out is None:
-        from analysis.aggregate import load_sweep
-        out = os.path.join("results", load_sweep(args.sweep).name, "gradcam.png")
+    runs = best_checkpoints(args.sweep, tasks, resolutions, data=data)
+    panels = compute_panels(runs, images, device=device, progress=not args.quiet, method=args.method)
+    png = render(panels, boxes, method=args.method)
+    out = args.out or storage.join(SweepFolder(args.sweep).results_dir, "gradcam.png")
     storage.write_bytes(out, png)
     failed = sorted({p.run.trial_id + ": " + p.error for p in panels if p.error})
     for line in failed:

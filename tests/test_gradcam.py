@@ -173,3 +173,60 @@ def test_images_with_the_same_file_name_get_distinct_labels(tmp_path):
     assert [im.name for im in images] == ["patient00001/study1/view1_frontal.jpg",
                                           "patient00002/study1/view1_frontal.jpg"]
     assert {im.file_name for im in images} == {"view1_frontal.jpg"}
+
+
+def reference_gradcam(model, x, output):
+    """Grad-CAM by its definition (Selvaraju et al. 2017) with plain autograd: channel weights =
+    the spatial mean of d logit / d A, map = ReLU(sum_c w_c A_c), bilinear to the input, scaled to
+    [0, 1] by its min and max."""
+    import torch.nn.functional as F
+    model.eval()
+    acts = model.body(x)
+    acts.retain_grad()
+    model.head(acts)[:, output].sum().backward()
+    weights = acts.grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * acts).sum(dim=1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    lo = cam.flatten(1).min(dim=1).values.view(-1, 1, 1)
+    hi = cam.flatten(1).max(dim=1).values.view(-1, 1, 1)
+    return ((cam - lo) / (hi - lo + 1e-7)).numpy()
+
+
+def test_gradcam_equals_its_definition(tmp_path):
+    path = image_file(tmp_path, "planted.png", bright=(32, 144, 48), dark=(160, 32, 48))
+    pixels = gradcam.preprocess(gradcam.read_image(path), 64)
+    x = gradcam.model_input([pixels, np.ascontiguousarray(pixels[::-1])])
+    model = planted_model()
+    cam = gradcam.gradcam(model, x, output=0)
+    np.testing.assert_allclose(cam.heatmaps, reference_gradcam(model, x, 0), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(gradcam.CAM_METHODS))
+def test_every_method_gives_maps_in_range(tmp_path, method):
+    path = image_file(tmp_path, "planted.png", bright=(32, 144, 48), dark=(160, 32, 48))
+    pixels = gradcam.preprocess(gradcam.read_image(path), 64)
+    model = planted_model()
+    cam = gradcam.gradcam(model, gradcam.model_input([pixels]), output=0, method=method)
+    assert cam.heatmaps.shape == (1, 64, 64) and cam.feature_map == (16, 16)
+    assert cam.heatmaps.min() >= 0 and cam.heatmaps.max() == pytest.approx(1.0, abs=1e-5)
+    if method != "eigencam":   # EigenCAM is not class-specific: it shows the main component
+        r, c = np.unravel_index(np.argmax(cam.heatmaps[0]), (64, 64))
+        assert 8 <= r < 20 and 36 <= c < 48, (method, r, c)
+
+
+def test_gradcam_on_a_timm_body():
+    """The target layer is the body, whatever it is: here a timm feature extractor."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    body = timm.create_model("resnet10t", pretrained=False, num_classes=0, global_pool="")
+    model = CXRNet(body, num_features=body.num_features, outputs=3)
+    with torch.no_grad():   # a head with evidence either way (its last layer starts near zero)
+        model.head.classifier[7].weight.normal_()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    cam = gradcam.gradcam(model, x, output=2)
+    assert cam.heatmaps.shape == (2, 96, 96) and cam.feature_map == (3, 3)
+    assert cam.heatmaps.max() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(cam.heatmaps, reference_gradcam(model, x, 2), atol=1e-4)
+    with torch.no_grad():
+        expected = torch.sigmoid(model.eval()(x)[:, 2]).numpy()
+    np.testing.assert_allclose(cam.probabilities, expected, rtol=1e-6)
