@@ -58,6 +58,7 @@ EPILOG = """examples:
   bash bench/gpu_check.sh --sections env,configs \\
       --configs densenet161@480,densenet161@480:compile,resnet50@160:graphs:b240
   python -m bench.gpu_check --device cpu --profile-step resnet50@160 --profile-images 8 --threads 1
+  python -m bench.gpu_check --table bench/results/groups-h100-80gb-hbm3    # the groups as Markdown
 """
 
 
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results", default=None,
                    help="folder of per-group JSONs, read to resume and written as groups finish "
                         "(default on CUDA: bench/results/groups-<gpu>; else a temporary folder)")
+    p.add_argument("--table", default=None, metavar="DIR",
+                   help="only print the Markdown table of the group files in DIR (docs/benchmarks.md)")
     p.add_argument("--configs", default=None,
                    help="the 'configs' section's list: MODEL@RES[:graphs][:compile][:bIMAGES], comma-separated")
     p.add_argument("--store", default=None, help="an existing store for the loader measurements "
@@ -316,6 +319,9 @@ def cli(argv=None) -> int:
         return probe_child(args)
     if args.profile_step:
         return profile_step(args)
+    if args.table:
+        print(grp.markdown_table(grp.group_table(args.table)))
+        return 0
     import signal
 
     def _terminate(signum, frame):   # `timeout` sends SIGTERM: leave through the finally blocks

@@ -132,3 +132,19 @@ def group_table(folder: str) -> list[dict]:
                      "busy_share": syn.get("busy_share"),
                      "loader_share_of_synthetic": lo.get("share_of_synthetic") if isinstance(lo, dict) else None})
     return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """``group_table`` rows as the Markdown table of docs/benchmarks.md."""
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+    lines = ["| group | graphs | compile | img/s | warm-up s | busy | peak reserved GiB | loader / synthetic |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (r["resolution"], r["model"], r["compile"])):
+        lines.append(f"| {r['model']} @ {r['resolution']} | {'yes' if r['cuda_graphs'] else 'no'} | "
+                     f"{'yes' if r['compile'] else 'no'} | {num(r['images_per_s'], ',.0f')} | "
+                     f"{num(r['warmup_s'], '.0f')} | {num(r['busy_share'], '.2f')} | "
+                     f"{num(r['peak_memory_reserved_gib'], '.1f')} | "
+                     f"{num(r['loader_share_of_synthetic'], '.1%')} |")
+    return "\n".join(lines)
+
