@@ -111,11 +111,18 @@ def write_bytes(location: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:   # a full disk must not also leave a partial temporary file
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
         return
     parent = posixpath.dirname(path)
     if parent:

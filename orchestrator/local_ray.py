@@ -14,16 +14,36 @@ starts a new instance and never reads that file.
 Joining (``--address HOST:PORT`` / ``RAY_ADDRESS``): the address is checked with a short TCP
 connect first, so an unreachable cluster is one clear error line before anything starts instead
 of Ray's long retry loop.
+
+A killed driver (SIGKILL, OOM killer) runs no ``finally``: Ray's own fate-sharing stops the GCS and
+raylet, but its dashboard and runtime-env agents lingered about a minute, and the token stayed on
+disk. So the embedded instance gets a watchdog: a small process (``python -m
+orchestrator.local_ray watchdog``) holding a pipe from the driver. When the pipe closes without the
+driver's "done" line, the driver died: the watchdog ends every process that carries this run's
+marker (``CXR_RAY_RUN_DIR=<run dir>`` in its environment, inherited by all of Ray's processes of
+this instance, nothing else), removes the token and the run directory, and exits. Run
+directories of earlier drivers that are gone are removed when the next one starts.
+
+Ctrl-C: Tune's own SIGINT handler is turned off (``TUNE_DISABLE_SIGINT_HANDLER``), so the
+KeyboardInterrupt reaches the sweep, which records the running trials as interrupted; Tune's
+"Resume experiment with: Tuner.restore(...)" advice, which contradicts ours (re-run the same
+command), is filtered out of its log.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from common.cli import UserError
 
@@ -31,7 +51,16 @@ from common.cli import UserError
 CONNECT_TIMEOUT_S = 5.0
 
 #: Environment variables the embedded instance sets while it runs (restored afterwards).
-_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USAGE_STATS_ENABLED")
+_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USAGE_STATS_ENABLED", "CXR_RAY_RUN_DIR",
+             "TUNE_DISABLE_SIGINT_HANDLER")
+#: The environment marker every process of one embedded instance inherits.
+RUN_MARKER = "CXR_RAY_RUN_DIR"
+RUN_DIR_PREFIX = "cxr-ray-"
+#: The driver's pid, written into its run directory (old run directories of dead drivers go).
+DRIVER_PID_FILE = "driver.pid"
+TOKEN_FILE = "auth_token"
+#: Seconds the watchdog gives processes to exit after SIGTERM before SIGKILL.
+TERM_GRACE_S = 3.0
 
 
 @dataclass
@@ -84,7 +113,7 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                         ) from None
 
 
-def make_run_dir(base: str | None = None, prefix: str = "cxr-ray-") -> str:
+def make_run_dir(base: str | None = None, prefix: str = RUN_DIR_PREFIX) -> str:
     """A fresh private (0700) directory for one embedded instance.
 
     Kept short on purpose: Ray puts Unix sockets below it and socket paths are limited to ~107
@@ -92,13 +121,132 @@ def make_run_dir(base: str | None = None, prefix: str = "cxr-ray-") -> str:
     """
     base = base or os.environ.get("CXR_RAY_DIR") or tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
+    remove_stale_run_dirs(base, prefix)
     run_dir = tempfile.mkdtemp(prefix=prefix, dir=base)   # mkdtemp creates it with mode 0700
     os.chmod(run_dir, 0o700)
+    with open(os.path.join(run_dir, DRIVER_PID_FILE), "w") as f:
+        f.write(str(os.getpid()))
     return run_dir
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_run_dirs(base: str, prefix: str = RUN_DIR_PREFIX) -> list[str]:
+    """Remove run directories in ``base`` whose driver is gone and no process uses any more.
+
+    Only directories we made (our prefix, owned by this user, with a driver pid file) qualify."""
+    removed = []
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        path = os.path.join(base, name)
+        pid_file = os.path.join(path, DRIVER_PID_FILE)
+        try:
+            if (not name.startswith(prefix) or os.stat(path).st_uid != os.getuid()
+                    or not os.path.isfile(pid_file)):
+                continue
+            with open(pid_file) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _pid_alive(pid) or processes_of(path):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def processes_of(run_dir: str) -> list[int]:
+    """Pids of this user's processes that carry ``run_dir``'s marker in their environment."""
+    needle = f"{RUN_MARKER}={run_dir}\0".encode()
+    found = []
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read() + b"\0"
+        except OSError:
+            continue
+        if needle in env:
+            found.append(int(pid))
+    return found
+
+
+def stop_processes(pids: Sequence[int], grace: float = TERM_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL what is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.time() + grace
+        while sig == signal.SIGTERM and time.time() < deadline and any(_pid_alive(p) for p in pids):
+            time.sleep(0.1)
+        pids = [p for p in pids if _pid_alive(p)]
+        if not pids:
+            return
+
+
+def clean_up_after(run_dir: str) -> None:
+    """What the watchdog does when the driver died: end the instance's processes (twice: a
+    dying raylet may start a worker meanwhile), then remove the token and the run directory."""
+    for _ in range(2):
+        stop_processes(processes_of(run_dir))
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(run_dir, TOKEN_FILE))
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def watch(run_dir: str, stream=None) -> int:
+    """The watchdog's loop: wait for the driver's pipe to close; clean up unless it said done."""
+    stream = stream or sys.stdin.buffer
+    data = b""
+    while True:
+        chunk = stream.read(64)
+        if not chunk:
+            break
+        data += chunk
+    if b"done" not in data:
+        clean_up_after(run_dir)
+    return 0
+
+
+def start_watchdog(run_dir: str) -> subprocess.Popen:
+    """The watchdog process of one embedded instance (its own session: a Ctrl-C to the driver's
+    terminal does not reach it, and it outlives the driver by design)."""
+    env = {k: v for k, v in os.environ.items() if k != RUN_MARKER}   # it must not end itself
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.local_ray", "watchdog", run_dir],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def stop_watchdog(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        proc.stdin.write(b"done\n")
+        proc.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+class _DropTuneRestoreAdvice(logging.Filter):
+    """Tune's 'Resume experiment with: Tuner.restore(...)' contradicts the sweep's own advice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
+_ADVICE_FILTER = _DropTuneRestoreAdvice()
+
+
 def _write_token(run_dir: str) -> str:
-    path = os.path.join(run_dir, "auth_token")
+    path = os.path.join(run_dir, TOKEN_FILE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
@@ -141,6 +289,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     """
     import ray
 
+    logging.getLogger("ray.tune.tune").addFilter(_ADVICE_FILTER)
     if ray.is_initialized():
         yield RayHandle(mode="existing", address=_gcs_address(ray), resources=ray.cluster_resources())
         return
@@ -148,6 +297,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     address = cluster_address(address)
     if address is not None:
         check_reachable(address)
+        saved_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=not quiet)
         except Exception as exc:  # ConnectionError, AuthenticationError, version mismatch, ...
@@ -157,6 +308,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
             yield RayHandle(mode="cluster", address=address, resources=ray.cluster_resources())
         finally:
             ray.shutdown()   # disconnects this driver; the cluster keeps running
+            if saved_sigint is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_sigint
         return
 
     run_dir = make_run_dir(run_dir_base)
@@ -164,7 +319,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = _write_token(run_dir)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     _reset_token_cache()
+    watchdog = start_watchdog(run_dir)
+    os.environ[RUN_MARKER] = run_dir   # after the watchdog started: Ray's processes inherit it
     try:
         ray.init(**init_kwargs_embedded(run_dir, num_cpus, num_gpus, quiet))
         yield RayHandle(mode="embedded", address=_gcs_address(ray), run_dir=run_dir,
@@ -172,8 +330,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        stop_watchdog(watchdog)
         with contextlib.suppress(OSError):   # the token is worthless once the instance is gone
-            os.remove(os.path.join(run_dir, "auth_token"))
+            os.remove(os.path.join(run_dir, TOKEN_FILE))
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -186,3 +345,18 @@ def _gcs_address(ray) -> str:
     with contextlib.suppress(Exception):
         return ray.get_runtime_context().gcs_address
     return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m orchestrator.local_ray watchdog RUN_DIR`` (started by ray_session only)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] != "watchdog":
+        print("usage: python -m orchestrator.local_ray watchdog RUN_DIR (started by the sweep)",
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return watch(os.path.abspath(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

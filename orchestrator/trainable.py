@@ -129,7 +129,10 @@ def make_trainable(trial_fn: str | TrialFn | None = None) -> Callable[[dict], No
         trial_folder = SweepFolder(sweep_loc).trial(trial_id)
         folder = trial_folder.location
         where = placement()
-        start_epoch = checkpoint_epoch(folder)
+        fn = load_trial_fn(trial_fn)
+        # where the attempt continues: the trial function's own answer when it has one (a test
+        # fake with its own checkpoint format), else the trainer's checkpoint
+        start_epoch = getattr(fn, "resume_epoch", checkpoint_epoch)(folder)
         ledger.mark_running(sweep_loc, trial_id, run_id=config["run_id"], node=where["node"],
                             gpu_ids=where["gpu_ids"],
                             cuda_visible_devices=where["cuda_visible_devices"],
@@ -146,7 +149,6 @@ def make_trainable(trial_fn: str | TrialFn | None = None) -> Callable[[dict], No
 
         try:
             cfg = TrainConfig.from_dict(config["train_config"])
-            fn = load_trial_fn(trial_fn)
             result = fn(cfg, folder, on_epoch=on_epoch)
         except (KeyboardInterrupt, SystemExit) as exc:
             ledger.mark_interrupted(sweep_loc, trial_id, f"interrupted ({type(exc).__name__}: "

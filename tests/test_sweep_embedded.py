@@ -21,11 +21,10 @@ import pytest
 
 from common import storage
 from orchestrator import ledger
-from orchestrator.local_ray import init_kwargs_embedded
-from orchestrator.sweep import run_sweep
-from orchestrator.trainable import epochs_on_storage
+from common.sweep_folder import SweepFolder
+from orchestrator.local_ray import init_kwargs_embedded, processes_of
 from test_sweep_helpers import (FakeTrial, by_value, make_tiny_store, ray_env, read_jsonl,
-                                refresh_ray_auth)
+                                refresh_ray_auth, run_small_sweep)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {"epochs_frozen": 1, "epochs_unfrozen": 2, "weights": "none"}
@@ -33,14 +32,19 @@ CONFIG = {"epochs_frozen": 1, "epochs_unfrozen": 2, "weights": "none"}
 DRIVER = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from test_sweep_helpers import FakeTrial, by_value
+from test_sweep_helpers import FakeTrial, by_value, run_small_sweep
 by_value()
-from orchestrator.sweep import run_sweep
-res = run_sweep(resolutions=[16, 24], models=["resnet18"], seeds=[0, 1], store={store!r},
-                storage_loc={storage!r}, name="kill", trial_fn=FakeTrial(epoch_seconds=2.0),
-                config={config!r}, num_cpus=2, num_gpus=0, progress_interval=0, aggregate=False)
+res = run_small_sweep({store!r}, {storage!r}, "kill", resolutions=(32, 40), models=("resnet18",),
+                      seeds=(0, 1), trial_fn=FakeTrial(epoch_seconds=2.0), config={config!r},
+                      num_cpus=2, num_gpus=0, progress="lines", aggregate=False)
 sys.exit(res.exit_code)
 """
+
+
+def epochs_on_storage(trial_dir: str) -> int:
+    """Epoch records in a trial folder (the fake trial checkpoints every recorded epoch)."""
+    from common.trial_folder import TrialFolder
+    return len(TrialFolder(trial_dir).read_epochs())
 
 
 @pytest.fixture
@@ -116,7 +120,7 @@ def test_embedded_instance_is_new_even_with_a_stale_cluster_file(ray_files):
 @pytest.mark.slow
 def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
     import ray
-    store = make_tiny_store(tmp_path / "store", resolutions=(16, 24))
+    store = make_tiny_store(tmp_path / "store", resolutions=(32, 40))
     storage_loc = str(tmp_path / "sweeps")
     sweep_loc = storage.join(storage_loc, "kill")
     script = tmp_path / "driver.py"
@@ -125,8 +129,9 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
     run_base = os.path.join(ray_files, "first")
     os.makedirs(run_base)
     env = dict(os.environ, CXR_RAY_DIR=run_base)
+    log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -136,16 +141,29 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
                       and epochs_on_storage(ledger.trial_dir(sweep_loc, t)) >= 1]
             if "finished" in states and midway:
                 break
-            assert proc.poll() is None, "the driver ended before it could be killed"
+            assert proc.poll() is None, ("the driver ended before it could be killed: "
+                                         + (tmp_path / "driver.log").read_text()[-3000:])
             time.sleep(0.2)
         else:
             pytest.fail("no trial finished within 240 s")
+        (killed_run_dir,) = [os.path.join(run_base, d) for d in os.listdir(run_base)
+                             if d.startswith("cxr-ray-")]
+        assert processes_of(killed_run_dir)              # the instance's processes carry the marker
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        killed = time.monotonic()
+        # the watchdog ends every process of the killed driver's instance and removes its run
+        # directory (token included) within seconds, not Ray's ~60 s of orphaned agents
+        while (pids_using(run_base) or os.path.exists(killed_run_dir)) and time.monotonic() - killed < 30:
+            time.sleep(0.2)
+        gone_after = time.monotonic() - killed
+        left = pids_using(run_base)
     finally:
         if proc.poll() is None:
             proc.kill()
         end_leftovers(run_base)
+    assert left == [] and not os.path.exists(killed_run_dir), (left, gone_after)
+    assert gone_after < 12, gone_after
 
     before = ledger.read_all(sweep_loc)
     finished_before = {t for t, e in before.items() if e["state"] == "finished"}
@@ -160,9 +178,9 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
     with open(get_ray_address_file(None), "w") as f:
         f.write(f"127.0.0.1:{closed_port()}")
     out = io.StringIO()
-    res = run_sweep(resolutions=[16, 24], models=["resnet18"], seeds=[0, 1], store=store,
-                    storage_loc=storage_loc, name="kill", trial_fn=FakeTrial(), config=CONFIG,
-                    num_cpus=2, num_gpus=0, progress_interval=0, aggregate=False, out=out)
+    res = run_small_sweep(store, storage_loc, "kill", resolutions=(32, 40), models=("resnet18",),
+                          seeds=(0, 1), trial_fn=FakeTrial(), config=CONFIG, num_cpus=2,
+                          num_gpus=0, progress="lines", aggregate=False, out=out)
     text = out.getvalue()
     assert res.exit_code == 0, text
     assert not ray.is_initialized()                       # exactly our instance, stopped
@@ -182,6 +200,9 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
         assert sorted(set(epochs)) == [1, 2, 3]
         if t in before and before[t]["state"] == "running":
             assert after[t]["history"][-1]["resumed_from_epoch"] == done
+            # the attempt the kill cut short is recorded as interrupted, not left running
+            assert after[t]["history"][-2]["state"] == "interrupted"
+            assert "ended before this attempt did" in after[t]["history"][-2]["error"]
     assert any(checkpointed.get(t, 0) >= 1 for t in res.ran)
 
     # the embedded instance: private run dir, own token, nothing in ~/.ray

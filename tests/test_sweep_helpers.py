@@ -110,6 +110,12 @@ class FakeTrial:
         self.marker_dir = marker_dir
         self.fail_always = fail_always
 
+    @staticmethod
+    def resume_epoch(trial_dir) -> int:
+        """The epoch its checkpoint holds (the sweep's ledger records where an attempt resumed)."""
+        latest = storage.join(trial_dir, "checkpoints", "latest.json")
+        return storage.read_json(latest)["epoch"] if storage.exists(latest) else 0
+
     def __call__(self, cfg, trial_dir, on_epoch=None):
         from preprocessing.store import open_store
         store = open_store(cfg.store, verify=False, resolution=cfg.resolution)

@@ -11,8 +11,7 @@ import pytest
 
 from common import storage
 from orchestrator import ledger
-from orchestrator.sweep import run_sweep
-from test_sweep_helpers import RealTrialFailingOnce, local_ray, stable_result
+from test_sweep_helpers import RealTrialFailingOnce, local_ray, run_small_sweep, stable_result
 
 CONFIG = {"epochs_frozen": 1, "epochs_unfrozen": 1, "weights": "none", "max_train_studies": 40,
           "max_valid_studies": 30, "device": "cpu", "workers": 0}
@@ -27,9 +26,9 @@ def ray_shared():
 def sweep(store, storage_loc, name, **kw):
     out = io.StringIO()
     kw.setdefault("config", dict(CONFIG))
-    kw.setdefault("resolutions", [32])
-    res = run_sweep(models=["resnet18"], seeds=[0], store=store, storage_loc=str(storage_loc),
-                    name=name, cpus_per_trial=1, progress_interval=0, out=out, **kw)
+    kw.setdefault("resolutions", (32,))
+    res = run_small_sweep(store, storage_loc, name, models=("resnet18",), seeds=(0,),
+                          cpus_per_trial=1, progress="lines", out=out, **kw)
     return res, out.getvalue()
 
 
