@@ -150,8 +150,8 @@ class SweepConfig:
         "'none' for none"))
     mlflow_tracking_uri: str = field(default="", metadata=_help(
         "MLflow tracking URI for --log mlflow",
-        default_help="MLFLOW_TRACKING_URI, else a file store in STORAGE/NAME/mlruns (local "
-                     "storage) or ./mlruns"))
+        default_help="MLFLOW_TRACKING_URI, else SQLite in STORAGE/NAME/mlflow.db (local "
+                     "storage) or ./mlflow.db"))
     wandb_project: str = field(default="cxr-sweep", metadata=_help(
         "W&B project for --log wandb (WANDB_MODE=offline works without an account)"))
 

@@ -8,8 +8,8 @@ tracker        where the runs go
 tensorboard    ``STORAGE/NAME/tune/<run id>/<trial id>/events.out.tfevents.*`` (one folder per
                trial and driver run): ``tensorboard --logdir STORAGE/NAME/tune``
 mlflow         one run per trial in the experiment NAME at ``--mlflow-tracking-uri``, else
-               ``MLFLOW_TRACKING_URI``, else a file store ``STORAGE/NAME/mlruns`` (local
-               storage) or ``./mlruns`` (``mlflow ui --backend-store-uri ...``)
+               ``MLFLOW_TRACKING_URI``, else the SQLite store ``STORAGE/NAME/mlflow.db`` (local
+               storage) or ``./mlflow.db`` (``mlflow ui --backend-store-uri sqlite:///...``)
 wandb          one run per trial in ``--wandb-project``, grouped by NAME; ``WANDB_MODE=offline``
                writes to ``./wandb`` (local storage: ``STORAGE/NAME/wandb``) without an account
 =============  ===============================================================================
@@ -44,7 +44,9 @@ def mlflow_tracking_uri(sweep: SweepConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     root = sweep.folder.location if not storage.is_remote(sweep.storage) else os.getcwd()
-    return "file://" + os.path.join(root, "mlruns")
+    os.makedirs(root, exist_ok=True)
+    # MLflow 3 keeps its plain-file store in maintenance mode; SQLite is its local default.
+    return "sqlite:///" + os.path.join(root, "mlflow.db")
 
 
 def wandb_dir(sweep: SweepConfig) -> str:
@@ -70,6 +72,8 @@ def callbacks(sweep: SweepConfig) -> list:
                                         save_artifact=False))
     if "wandb" in sweep.log:
         from ray.air.integrations.wandb import WandbLoggerCallback
+        # W&B logs from a Ray actor, which does not see variables set after Ray started.
+        mode = {"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}
         out.append(WandbLoggerCallback(project=sweep.wandb_project, group=sweep.name,
-                                       dir=wandb_dir(sweep)))
+                                       dir=wandb_dir(sweep), **mode))
     return out

@@ -6,6 +6,7 @@ it running); tests/test_sweep_embedded.py covers the private instance run_sweep 
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -143,3 +144,85 @@ def test_interrupted_running_entry_is_resumed(ray_shared, store, tmp_path):
     assert entry["attempts"] == 2 and entry["history"][-1]["resumed_from_epoch"] == 1
     assert stable_result(storage.read_json(storage.join(folder, "result.json"))) == stable_result(
         uninterrupted(store, tmp_path, resolution=32))
+
+
+def _wandb_records(path: str) -> list[bytes]:
+    """The records of a W&B transaction log (``run-*.wandb``): LevelDB's log format, 32 KiB
+    blocks of [crc32 (4), length (2), type (1)] + data, after a 7-byte file header."""
+    import struct
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    out, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        if room < 7:                      # a block's tail too short for a header is padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk   # full/first, else middle/last
+        if kind in (1, 4):
+            out.append(pending)
+            pending = b""
+    return out
+
+
+def _wandb_history(wandb_dir) -> list[dict]:
+    """Every history row W&B recorded offline below ``wandb_dir`` (all runs)."""
+    import glob
+
+    from wandb.proto import wandb_internal_pb2
+    rows = []
+    paths = {os.path.realpath(p)   # wandb/latest-run links to the newest run folder
+             for p in glob.glob(os.path.join(str(wandb_dir), "**", "*.wandb"), recursive=True)}
+    for path in sorted(paths):
+        for data in _wandb_records(path):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            if rec.WhichOneof("record_type") != "history":
+                continue
+            row = {}
+            for item in rec.history.item:
+                key = item.key or "/".join(item.nested_key)
+                kind = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
+                row[key] = (getattr(item, kind) if kind and kind != "value_json"
+                            else json.loads(item.value_json) if item.value_json else None)
+            rows.append(row)
+    return rows
+
+
+def test_trackers_record_per_epoch_auroc_per_task(ray_shared, store, tmp_path, monkeypatch):
+    """--log tensorboard,mlflow,wandb: Tune's own callbacks; every tracker holds each epoch's
+    AUROC of every task. MLflow writes a local SQLite store, W&B runs offline."""
+    import glob
+
+    import mlflow
+    from common.schema import TASKS, task_key
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    res, text = sweep(store, tmp_path, "tracked", resolutions=(32,),
+                      log=("tensorboard", "mlflow", "wandb"))
+    assert res.exit_code == 0, text
+    (tid,) = res.trial_ids
+    epochs = 2
+    keys = [f"auroc_{task_key(t)}" for t in TASKS]
+    # TensorBoard: Tune's trial folder below STORAGE/NAME/tune
+    assert glob.glob(os.path.join(res.sweep_loc, "tune", "*", tid + "*", "events.out.tfevents.*"))
+    # MLflow: the local store STORAGE/NAME/mlflow.db, experiment NAME, one run per trial
+    client = mlflow.tracking.MlflowClient(
+        tracking_uri="sqlite:///" + os.path.join(res.sweep_loc, "mlflow.db"))
+    exp = client.get_experiment_by_name("tracked")
+    (run,) = client.search_runs([exp.experiment_id])
+    for key in keys:
+        assert len(client.get_metric_history(run.info.run_id, key)) == epochs, key
+    # W&B: offline files in STORAGE/NAME/wandb
+    rows = [r for r in _wandb_history(os.path.join(res.sweep_loc, "wandb")) if "auroc_mean" in r]
+    assert len(rows) == epochs and all(k in r for r in rows for k in keys)
+    # without --log, no TensorBoard files
+    quiet, _ = sweep(store, tmp_path, "quiet", resolutions=(32,), log=())
+    assert not glob.glob(os.path.join(quiet.sweep_loc, "tune", "**", "events.out.tfevents.*"),
+                         recursive=True)
