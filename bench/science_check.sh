@@ -30,5 +30,5 @@ fi
 "$PY" -m orchestrator.sweep --name science --store "$WORK/store" --storage "$WORK/sweeps" \
   --results-dir results/phantom-science \
   --resolutions "$RESOLUTIONS" --models smallcnn --seeds "$SEEDS" --weights none \
-  --epochs-frozen 0 --epochs 6 --batch-studies 8 --lr-body 1e-3 --lr-head 1e-2 --augment false \
+  --epochs-frozen 0 --epochs-unfrozen 6 --batch-studies 8 --lr-body 1e-3 --lr-head 1e-2 --no-augment \
   --cpus-per-trial "$(nproc)" --workers 1 --progress-interval 60

@@ -92,18 +92,22 @@ def bench(trials: int, epochs: int, epoch_seconds: float, slots: int, fake_gpus:
           workdir: str, reuse_actors: bool = True) -> dict:
     from orchestrator import ledger
     from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import SweepConfig
+    from trainer.config import TrainConfig
     store = tiny_store(workdir)
     per_trial_gpu = 1 if fake_gpus else 0
     num_cpus = max(slots, fake_gpus)   # sleeping trials need no real CPU: logical CPUs suffice
     n_slots = fake_gpus if fake_gpus else slots
     t0 = time.time()
-    res = run_sweep(resolutions=[32], models=["resnet18"], seeds=list(range(trials)), store=store,
-                    storage_loc=os.path.join(workdir, "sweeps"), name="bench",
-                    config={"epochs_frozen": 1, "epochs_unfrozen": epochs - 1, "weights": "none"},
-                    trial_fn=SleepTrial(epoch_seconds), cpus_per_trial=1,
-                    gpus_per_trial=per_trial_gpu, num_cpus=num_cpus, num_gpus=fake_gpus,
-                    max_failures=0, progress_interval=3600, aggregate=False, out=io.StringIO(),
-                    reuse_actors=reuse_actors)
+    sweep = SweepConfig(resolutions=(32,), models=("resnet18",), seeds=tuple(range(trials)),
+                        store=store, storage=os.path.join(workdir, "sweeps"), name="bench",
+                        cpus_per_trial=1, gpus_per_trial=str(per_trial_gpu), num_cpus=num_cpus,
+                        num_gpus=fake_gpus, max_failures=0, progress="lines",
+                        progress_interval=3600, aggregate=False, log=(),
+                        reuse_actors=reuse_actors)
+    train = TrainConfig.from_dict({"epochs_frozen": 1, "epochs_unfrozen": epochs - 1,
+                                   "weights": "none"})
+    res = run_sweep(sweep, train, trial_fn=SleepTrial(epoch_seconds), out=io.StringIO())
     wall = time.time() - t0
     entries = ledger.read_all(res.sweep_loc)
     spans, per_slot = [], {}

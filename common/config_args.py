@@ -8,7 +8,8 @@ default and its meaning are written::
     lr_head: float = field(default=2.5e-3, metadata={"help": "stage-2 max LR of the head"})
 
 Metadata keys read here (all optional): ``help``; ``choices``; ``metavar``; ``required`` (True, or
-a phrase such as ``"to run"``: shown in --help, checked by the program); ``parse`` (a function
+a phrase such as ``"to run"``: shown in --help, checked by the program); ``aliases`` (more
+option strings, e.g. ``("--epochs",)``); ``parse`` (a function
 text -> value replacing the type's parser, e.g. seed ranges); ``default_help`` (text shown instead
 of the default, for defaults that mean "decide later"); ``cli`` (False: no flag).
 
@@ -175,7 +176,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, config_cls: type
             if "choices" in meta:
                 kwargs["choices"] = tuple(meta["choices"])
             kwargs["metavar"] = meta.get("metavar") or _metavar(f.name, hint, meta.get("choices"))
-        parser.add_argument(flag(f.name), **kwargs)
+        parser.add_argument(flag(f.name), *meta.get("aliases", ()), **kwargs)
         names.append(f.name)
     return names
 

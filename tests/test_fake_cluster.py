@@ -68,7 +68,7 @@ def test_sweep_on_autoscaled_fake_gpu_nodes(tmp_path, cluster):
     cmd = [sys.executable, "-m", "orchestrator.sweep", "--address", address,
            "--store", store, "--storage", storage_loc, "--name", "fake",
            "--resolutions", "32", "--models", "resnet18", "--seeds", "0-2",
-           "--weights", "none", "--epochs-frozen", "1", "--epochs", "1",
+           "--weights", "none", "--epochs-frozen", "1", "--epochs-unfrozen", "1",
            "--max-train-studies", "8", "--cpus-per-trial", "1", "--gpus-per-trial", "1",
            "--no-aggregate", "--progress-interval", "10"]
     sweep = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
