@@ -19,6 +19,10 @@ NOT_RECIPE = {"store", "model", "resolution", "seed", "task", "weights_dir", "ca
               "workers"}
 
 
+RECIPES = {"fastai": "the thesis's fastai v2 recipe (recipe 'fastai')",
+           "literal": "the thesis's text without fastai (recipe 'literal')"}
+
+
 def trial_config(location: str, trial_ids: list[str]) -> dict[str, Any]:
     """The resolved TrainConfig of the first readable finished trial ({} when none is)."""
     folder = SweepFolder(location)
@@ -112,11 +116,15 @@ def _recipe_sentence(cfg: dict[str, Any]) -> str:
         s.append(f"AdamW with weight decay {cfg['weight_decay']}"
                  + (f" and betas {tuple(cfg['betas'])}" if cfg.get("betas") else ""))
     if "augment" in cfg:
-        s.append("augmentation on (rotation, zoom-out, perspective, brightness and contrast)"
-                 if cfg["augment"] else "no augmentation")
-    for key in ("recipe", "schedule"):
-        if cfg.get(key):
-            s.append(f"{key} '{cfg[key]}'")
+        style = f" ({cfg['aug_style']} style)" if cfg.get("aug_style") else ""
+        s.append(f"augmentation on{style}" if cfg["augment"] else "no augmentation")
+    recipe = RECIPES.get(str(cfg.get("recipe")), f"recipe '{cfg.get('recipe')}'") \
+        if cfg.get("recipe") else ""
+    details = [f"{label} {cfg[key]}" for key, label in (("lr_schedule", "LR schedule"),
+                                                         ("lr_groups", "LR groups"))
+               if cfg.get(key)]
+    if recipe or details:
+        s.append(", ".join(x for x in [recipe] + details if x))
     limits = [f"{k} {cfg[k]}" for k in ("max_train_studies", "max_valid_studies") if cfg.get(k)]
     if limits:
         s.append("subsets: " + ", ".join(limits))

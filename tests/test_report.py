@@ -342,3 +342,30 @@ def test_partial_real_data_report(tmp_path):
         assert ("Every trial of the grid finished" in text) is not partial
         if partial:
             assert "best **resnet18 at 64 px**" in md and "lowest resolution of the sweep" in md
+
+
+def test_default_gradcam_images_are_the_first_frontal_validation_images(tmp_path):
+    """Without --images the Grad-CAM rows are the store's first frontal validation images
+    (image-id order), at its largest resolution, pixel for pixel."""
+    import subprocess
+    import sys
+
+    from analysis.report_gradcam import store_images
+    from preprocessing.store import open_store
+    run = lambda *a: subprocess.run([sys.executable, "-m", "preprocessing", *a], check=True,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    run("phantom", "--out", str(tmp_path / "ph"), "--studies", "16", "--min-size", "300",
+        "--max-size", "340", "--seed", "3")
+    run("build", "--image-root", str(tmp_path / "ph"), "--csv", str(tmp_path / "ph" / "train.csv"),
+        "--csv", str(tmp_path / "ph" / "valid.csv"), "--out", str(tmp_path / "store"),
+        "--resolutions", "48,64", "--no-ray")
+    store = open_store(str(tmp_path / "store"))
+    valid = store.read(64, "valid", columns=["image_id", "view", "image"]).to_pandas()
+    frontal = valid[valid["view"] == "Frontal"].sort_values("image_id")
+    assert len(frontal) >= 2
+    images = store_images(str(tmp_path / "store"), n=2)
+    assert [im.name for im in images] == frontal["image_id"].head(2).tolist()
+    for im, blob in zip(images, frontal["image"].head(2)):
+        assert im.size == (64, 64)
+        with Image.open(io.BytesIO(im.data)) as decoded:
+            assert np.array_equal(np.asarray(decoded), np.asarray(store.decode(blob)))
