@@ -16,8 +16,13 @@ from common import storage
 from common.cli import HelpFormatter, UserError, parse_int_list, run_cli
 from common.schema import MANIFEST_NAME
 
-EPILOG = """examples:
-  python -m orchestrator.demo                      # the README's demo (about 10 minutes on 2 cores)
+EPILOG = """A 300-study phantom (1,000-1,400 px JPEGs in CheXpert layout), a store at 160/240/320/400/480
+px, and a sweep of one smallcnn trial per resolution on an embedded local Ray (random init, 4
+epochs, batch 8 studies, no augmentation), then the aggregator and its table; everything lands in
+demo/, the report in demo/results/report.html. Re-running it resumes.
+
+examples:
+  python -m orchestrator.demo                      # the README's demo (233 s on 2 cores, measured)
   python -m orchestrator.demo --out /tmp/demo --resolutions 160,320 --studies 120
 
 The full thesis grid on a GPU cluster is `python -m orchestrator.sweep` (docs/sweep.md, docs/cluster.md).
@@ -27,14 +32,16 @@ The full thesis grid on a GPU cluster is `python -m orchestrator.sweep` (docs/sw
 #: same settings as the science check (bench/science_check.sh) on a smaller phantom: smallcnn from
 #: random weights (no ImageNet weights can be downloaded at run time, and a ResNet-18 trains at
 #: ~0.5 images/s at 480 px on such a CPU), no frozen-body epoch, batch 8 studies and larger LRs
-#: than PROTOCOL.md (nothing is pretrained), no augmentation.
+#: than the thesis protocol (nothing is pretrained), no augmentation.
 DEMO = dict(studies=300, seed=0, min_size=1000, max_size=1400, models="smallcnn", seeds="0",
             epochs=4, train={"weights": "none", "epochs_frozen": 0, "batch_studies": 8,
                              "lr_body": 1e-3, "lr_head": 1e-2, "augment": False, "workers": 0})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.demo", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m orchestrator.demo",
+                                description="The whole pipeline on synthetic data in minutes: "
+                                            "phantom -> store -> sweep -> report.",
                                 epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo", help="folder for the phantom, the store and the sweep")
     p.add_argument("--resolutions", default="160,240,320,400,480", help="store and sweep resolutions")
