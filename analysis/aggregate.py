@@ -110,11 +110,11 @@ sweep_configurations.csv/.md, figures/*.png, report.md, report.html, problems.cs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sweep", required=True, help="the sweep's storage location (path or s3://...)")
+    parser.add_argument("--sweep", required=True, help="the sweep's storage location (path or s3://...); required")
     parser.add_argument("--results-dir", "--out", dest="results_dir", default=None,
                         help="output folder (default: SWEEP/results)")
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="also a stratified percentile bootstrap CI with N resamples (0 = off)")
+                        help="also a stratified percentile bootstrap CI with N resamples; 0 = off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--no-figures", action="store_true",
                         help="a report without figures (and without Grad-CAM)")

@@ -55,7 +55,8 @@ def _split(labels: Sequence[float], scores: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def delong_covariance(labels: Sequence[float], *score_sets: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """AUROCs (k,) and their DeLong covariance matrix (k, k) for k score sets on the same cases."""
+    """AUROCs (k,) and their DeLong covariance matrix (k, k) for k score sets on the same cases
+    (NaN when a class has fewer than two cases)."""
     scores = np.atleast_2d(np.asarray(score_sets, dtype=np.float64))
     x, y = _split(labels, scores)            # positives (k, m), negatives (k, n)
     m, n = x.shape[1], y.shape[1]
@@ -66,8 +67,10 @@ def delong_covariance(labels: Sequence[float], *score_sets: Sequence[float]) -> 
     aucs = (tz[:, :m].sum(axis=1) / m - (m + 1) / 2.0) / n
     v01 = (tz[:, :m] - tx) / n               # per positive: share of negatives scored below it
     v10 = 1.0 - (tz[:, m:] - ty) / m         # per negative: share of positives scored above it
-    sx = np.atleast_2d(np.cov(v01)) if m > 1 else np.zeros((k, k))
-    sy = np.atleast_2d(np.cov(v10)) if n > 1 else np.zeros((k, k))
+    if m < 2 or n < 2:   # one case in a class has no spread: the variance is undefined, not 0
+        return aucs, np.full((k, k), np.nan)
+    sx = np.atleast_2d(np.cov(v01))
+    sy = np.atleast_2d(np.cov(v10))
     return aucs, sx / m + sy / n
 
 

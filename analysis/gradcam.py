@@ -348,8 +348,8 @@ by pytorch-grad-cam on the model's body (its last feature map)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sweep", required=True, help="the sweep's storage location")
-    parser.add_argument("--images", nargs="+", required=True, help="image files (JPEG, PNG, ...)")
+    parser.add_argument("--sweep", required=True, help="the sweep's storage location; required")
+    parser.add_argument("--images", nargs="+", required=True, help="image files (JPEG, PNG, ...); required")
     parser.add_argument("--boxes", default=None, help="ground-truth boxes, NIH BBox_List CSV format")
     parser.add_argument("--out", default=None, help="output PNG (default: SWEEP/results/gradcam.png)")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")

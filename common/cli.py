@@ -51,3 +51,9 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the examples in epilogs as written and shows defaults."""
+
+    def _get_help_string(self, action):
+        # None ("not given") and False (a switch that is off) say nothing; a required flag has none.
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)

@@ -177,3 +177,9 @@ def test_perfect_separation_gives_a_marked_degenerate_interval():
     assert both.p_value == 1.0 and both.se == 0.0
     tied = delong.paired_test(labels, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], [0.5] * 6)
     assert tied.difference == 0.5 and math.isnan(tied.p_value) and tied.note.startswith("degenerate")
+
+
+def test_covariance_is_nan_not_zero_with_a_single_case_in_a_class():
+    aucs, cov = delong.delong_covariance([1, 0, 0], [0.9, 0.1, 0.5], [0.2, 0.3, 0.1])
+    np.testing.assert_allclose(aucs, [1.0, 0.5])
+    assert np.isnan(cov).all() and cov.shape == (2, 2)
