@@ -138,7 +138,7 @@ def _grid_sentence(conf: pd.DataFrame, n_trials: int) -> str:
             f"({n_trials} trials in the grid).")
 
 
-def _evaluation_sentence(trials: pd.DataFrame) -> str:
+def _evaluation_sentence(trials: pd.DataFrame, bootstrap: int = 0) -> str:
     studies = ""
     if not trials.empty and {"n_pos", "n_neg"} <= set(trials.columns):
         n = (trials["n_pos"] + trials["n_neg"])
@@ -152,7 +152,9 @@ def _evaluation_sentence(trials: pd.DataFrame) -> str:
             "interval. Configurations are compared with paired DeLong tests on the shared studies "
             "(the mean over seeds as a linear contrast of correlated AUROCs), and families of "
             "tests are Holm-corrected. The best configuration is chosen on the same validation "
-            "split, so its comparisons are exploratory.")
+            "split, so its comparisons are exploratory."
+            + (f" A stratified percentile bootstrap interval ({bootstrap} resamples) is given next "
+               "to each DeLong interval in trials.csv." if bootstrap else ""))
 
 
 def _software_sentence(sweep: dict | None) -> str:
@@ -180,7 +182,7 @@ def methods_paragraphs(data, sweep: dict[str, Any], conf: pd.DataFrame, cfg: dic
     grid = _grid_sentence(conf, len(data.grid)) if not conf.empty else ""
     return [_dataset_sentence(data.manifest),
             " ".join(x for x in (_task_mode_sentence(modes, tasks), grid, _recipe_sentence(cfg)) if x),
-            _evaluation_sentence(data.trials),
+            _evaluation_sentence(data.trials, int(getattr(data, "bootstrap", 0) or 0)),
             _software_sentence(sweep)]
 
 

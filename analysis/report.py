@@ -54,6 +54,8 @@ TABLE_TITLES = {
     "tests_resolution_summary": "Resolution tests per task and resolution pair (Holm)",
     "tests_resolution": "Every paired DeLong test between two resolutions",
     "tests_best_configuration": "Best configuration against the best of each other resolution",
+    "sweep_configurations": "Configurations met in the sweep (only the main one is summarised)",
+    "other_configurations": "Trials of another configuration, left out",
 }
 #: Shown elsewhere in the report (or replaced by the report's own table).
 TABLES_NOT_REPEATED = {"incomplete", "problems", "model_scaling", "efficientnet"}
@@ -259,6 +261,11 @@ def _incomplete(data, parts: ReportParts) -> pd.DataFrame:
     return inc if inc is not None else data.incomplete()
 
 
+def _other_trials(parts: ReportParts) -> int:
+    other = parts.tables.get("other_configurations")
+    return 0 if other is None else len(other)
+
+
 def _stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -278,6 +285,10 @@ def build_markdown(data, parts: ReportParts) -> str:
     if not inc.empty:
         out.append(f"**This report is partial**: {len(inc)} trial(s) of the grid have no result "
                    "(listed under Tables).\n")
+    other = _other_trials(parts)
+    if other:
+        out.append(f"**{other} trial(s) of another configuration are left out** (listed under "
+                   "Tables): results of different configurations are never pooled.\n")
     out.append("## The answer\n")
     out += [f"- {line}" for line in answer_lines(parts.answer)] or ["_No finished trial._"]
     out.append("\n" + ANSWER_NOTE + "\n\n" + fmt.markdown_table(_answer_table(parts.answer)))
@@ -347,6 +358,11 @@ def build_html(data, parts: ReportParts) -> str:
     p.append(f"<div class='warn'><strong>This report is partial</strong>: {len(inc)} trial(s) of "
              "the grid have no result (listed under Tables).</div>" if not inc.empty else
              "<div class='ok'>Every trial of the grid finished.</div>")
+    other = _other_trials(parts)
+    if other:
+        p.append(f"<div class='warn'><strong>{other} trial(s) of another configuration are left "
+                 "out</strong> (listed under Tables): results of different configurations are "
+                 "never pooled.</div>")
     p.append("<h2 id='answer'>The answer</h2><ul class='answer'>"
              + "".join(f"<li>{fmt.inline_html(line)}</li>" for line in answer_lines(parts.answer))
              + "</ul>" + f"<p>{fmt.e(ANSWER_NOTE)}</p>" + fmt.html_table(_answer_table(parts.answer)))

@@ -369,3 +369,23 @@ def test_default_gradcam_images_are_the_first_frontal_validation_images(tmp_path
         assert im.size == (64, 64)
         with Image.open(io.BytesIO(im.data)) as decoded:
             assert np.array_equal(np.asarray(decoded), np.asarray(store.decode(blob)))
+
+
+def test_trials_of_another_configuration_are_named_not_pooled(tmp_path):
+    from common.sweep_folder import SweepFolder
+    fab = fabricate(tmp_path, resolutions=(64, 128), models=("resnet18",))
+    changed = fab.trial_ids[-1]
+    tf = SweepFolder(fab.location).trial(changed)
+    doc = tf.read_config()
+    doc["config"]["lr_head"] = 0.02        # another hyperparameter: another configuration
+    tf.write_config(doc)
+    data = load_sweep(fab.location)
+    assert changed not in set(data.trials["trial_id"])
+    out = str(tmp_path / "out")
+    report.write_report(data, {"other_configurations": data.other_configurations()}, out,
+                        figures=False)
+    md, text = _read(out, "report.md"), _read(out, "report.html")
+    assert "**1 trial(s) of another configuration are left out**" in md
+    assert "<strong>1 trial(s) of another configuration are left out</strong>" in text
+    assert changed in md.split("## Tables")[1]
+    assert "best **resnet18 at 64 px**" in md      # the 128 px trial is not in the answer
