@@ -5,7 +5,7 @@ import torch
 from trainer.augment import (IDENTITY, PARAMS, AugmentSettings, augment_batch, identity_params,
                              sample_one, sample_params, to_model_input)
 
-S = AugmentSettings()
+S = AugmentSettings(style="literal")   # the literal style; the fastai style: test_fastai_augment.py
 
 
 def test_params_are_keyed_by_seed_epoch_index():
@@ -24,27 +24,28 @@ def test_probabilities_and_ranges():
     intensity = ~np.all(p[:, 9:] == IDENTITY[9:], axis=1)
     assert 0.65 < geometric.mean() < 0.85 and 0.65 < intensity.mean() < 0.85
     assert np.all((p[:, 9] >= 0.8) & (p[:, 9] <= 1.2)) and np.all(np.abs(p[:, 10]) <= 0.2)
-    never = AugmentSettings(p_geometric=0, p_intensity=0)
+    never = AugmentSettings(style="literal", p_geometric=0, p_intensity=0)
     assert np.array_equal(sample_params(never, 0, 1, np.arange(5)), identity_params(5))
 
 
 def test_identity_leaves_pixels_unchanged():
     img = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
-    out = augment_batch(img.float() / 255, torch.from_numpy(identity_params(3)))
-    assert torch.allclose(out, img.float() / 255, atol=1e-5)
+    for style in ("literal", "fastai"):
+        out = augment_batch(img.float() / 255, torch.from_numpy(identity_params(3)), style)
+        assert torch.allclose(out, img.float() / 255, atol=1e-5), style
 
 
 def test_zoom_out_pads_with_black_and_rotation_moves_pixels():
     img = torch.ones(1, 1, 32, 32)
     zoom = IDENTITY.copy()
     zoom[0] = zoom[4] = 1.5  # sample a 1.5x larger area: the border comes from outside -> black
-    out = augment_batch(img, torch.from_numpy(zoom[None]))
+    out = augment_batch(img, torch.from_numpy(zoom[None]), "literal")
     assert out[0, 0, 0, 0] == 0 and out[0, 0, 16, 16] == 1
     # 90 degrees: x' = -y, y' = x  (a column becomes a row)
     bar = torch.zeros(1, 1, 8, 8)
     bar[..., :, 2] = 1
     rot = np.array([0, -1, 0, 1, 0, 0, 0, 0, 1, 1, 0], dtype=np.float32)
-    turned = augment_batch(bar, torch.from_numpy(rot[None]))[0, 0]
+    turned = augment_batch(bar, torch.from_numpy(rot[None]), "literal")[0, 0]
     assert torch.allclose(turned.sum(dim=1), torch.tensor([0, 0, 0, 0, 0, 8.0, 0, 0]), atol=1e-4)
 
 
@@ -52,7 +53,7 @@ def test_intensity_contrast_and_brightness():
     img = torch.tensor([[[[0.2, 0.4], [0.6, 0.8]]]])
     p = IDENTITY.copy()
     p[9], p[10] = 1.2, 0.1  # contrast 1.2 around the mean 0.5, then +0.1
-    out = augment_batch(img, torch.from_numpy(p[None]))
+    out = augment_batch(img, torch.from_numpy(p[None]), "literal")
     expected = ((img - 0.5) * 1.2 + 0.5 + 0.1).clamp(0, 1)
     assert torch.allclose(out, expected, atol=1e-5)
 
@@ -66,6 +67,6 @@ def test_model_input_normalises_and_repeats_channels():
 
 
 def test_perspective_is_slight_and_nonaffine():
-    p = sample_one(AugmentSettings(p_geometric=1.0, rotation_deg=0, zoom_out=0), 0, 1, 5)
+    p = sample_one(AugmentSettings(style="literal", p_geometric=1.0, rotation_deg=0, zoom_out=0), 0, 1, 5)
     h = p[:9].reshape(3, 3)
     assert 0 < np.abs(h[2, :2]).max() < 0.2  # a real projective part, kept small

@@ -42,9 +42,19 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
-def _recipe(help: str, **meta: Any) -> Any:
+def _recipe(name: str, help: str, **meta: Any) -> Any:
     """A recipe point: None = take the value of the config's ``recipe``."""
-    return field(default=None, metadata={"help": help, "recipe": True, **meta})
+    shown = "; ".join(f"{recipe}: {_show(values[name])}" for recipe, values in RECIPES.items())
+    return field(default=None, metadata={"help": help, "recipe": True,
+                                         "default_help": f"from --recipe ({shown})", **meta})
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 #: The values each recipe gives its point fields. "fastai": what fastai v2's cnn_learner and
@@ -53,13 +63,13 @@ def _recipe(help: str, **meta: Any) -> Any:
 RECIPES: dict[str, dict[str, Any]] = {
     "fastai": {
         "lr_groups": "model", "wd_bn_bias": False, "adam_eps": 1e-5,
-        "beta1_cycle": (0.95, 0.85, 0.95), "carry_optimizer": True, "lr_schedule": "combined_cos",
+        "beta1_cycle": (0.95, 0.85, 0.95), "lr_schedule": "combined_cos",
         "aug_style": "fastai", "head_bn_bias": 1e-3, "pool_order": "max,avg",
         "densenet_final_relu": False,
     },
     "literal": {
         "lr_groups": "body-head", "wd_bn_bias": True, "adam_eps": 1e-8,
-        "beta1_cycle": (0.9, 0.9, 0.9), "carry_optimizer": False, "lr_schedule": "onecycle_lr",
+        "beta1_cycle": (0.9, 0.9, 0.9), "lr_schedule": "onecycle_lr",
         "aug_style": "literal", "head_bn_bias": 0.0, "pool_order": "avg,max",
         "densenet_final_relu": True,
     },
@@ -96,11 +106,11 @@ class TrainConfig:
     lr_frozen: float = _f(5e-3, "stage-1 one-cycle max LR (every trainable parameter)")
     lr_body: float = _f(2.5e-5, "stage-2 max LR of the first (input-side) parameter group")
     lr_head: float = _f(2.5e-3, "stage-2 max LR of the head")
-    lr_groups: Optional[str] = _recipe(
+    lr_groups: Optional[str] = _recipe("lr_groups",
         "stage-2 parameter groups: 'model' = the model's layer groups with LRs spaced "
         "geometrically from lr_body to lr_head (fastai's slice); 'body-head' = two groups",
         choices=("model", "body-head"))
-    lr_schedule: Optional[str] = _recipe(
+    lr_schedule: Optional[str] = _recipe("lr_schedule",
         "one-cycle curve per stage: 'combined_cos' (fastai's fit_one_cycle) or 'onecycle_lr' "
         "(torch's OneCycleLR: ends at max/(div*final_div))",
         choices=("combined_cos", "onecycle_lr"))
@@ -108,31 +118,33 @@ class TrainConfig:
     onecycle_div: float = _f(25.0, "initial LR = max LR / div")
     onecycle_final_div: float = _f(1e5, "final LR = max LR / final_div")
     weight_decay: float = _f(0.1, "decoupled (AdamW, fastai's true_wd) weight decay")
-    wd_bn_bias: Optional[bool] = _recipe(
+    wd_bn_bias: Optional[bool] = _recipe("wd_bn_bias",
         "weight decay also on BatchNorm parameters and biases (fastai: false)")
-    adam_eps: Optional[float] = _recipe("Adam epsilon")
-    beta1_cycle: Optional[tuple[float, float, float]] = _recipe(
+    adam_eps: Optional[float] = _recipe("adam_eps", "Adam's epsilon")
+    beta1_cycle: Optional[tuple[float, float, float]] = _recipe("beta1_cycle",
         "Adam beta1 at the start, peak-LR point and end of each stage (fastai's moms), cosine "
         "like the LR")
     beta2: float = _f(0.99, "Adam beta2 (fastai's sqr_mom)")
-    carry_optimizer: Optional[bool] = _recipe(
-        "one optimizer for both stages: the Adam moments of stage 1 carry into stage 2 "
-        "(fastai); false = a fresh optimizer at the stage boundary")
+    carry_optimizer: bool = _f(False, "keep stage 1's Adam moments for stage 2; fastai's "
+                               "Learner.unfreeze() clears them (Optimizer.clear_state), so both "
+                               "recipes start stage 2 with fresh moments")
     batch_studies: int = _f(40, "studies per batch (1-3 images each)")
     shuffle: bool = _f(False, "shuffle the studies each epoch (keyed by seed and epoch); the "
                        "thesis did not")
 
     # --- the head and body details (trainer.models.create_model options) -----------------------
-    head_bn_bias: Optional[float] = _recipe("initial bias of the head's BatchNorm1d layers")
-    pool_order: Optional[str] = _recipe("order of the pooled features the head concatenates",
+    head_bn_bias: Optional[float] = _recipe("head_bn_bias",
+                                            "initial bias of the head's BatchNorm1d layers")
+    pool_order: Optional[str] = _recipe("pool_order",
+                                        "order of the pooled features the head concatenates",
                                         choices=("max,avg", "avg,max"))
-    densenet_final_relu: Optional[bool] = _recipe(
+    densenet_final_relu: Optional[bool] = _recipe("densenet_final_relu",
         "DenseNet body ends with a ReLU after norm5 (torchvision's classifier path); fastai's "
         "body ends at norm5")
 
     # --- augmentation (training only) ----------------------------------------------------------
     augment: bool = _f(True, "off: training sees the stored pixels as validation does")
-    aug_style: Optional[str] = _recipe(
+    aug_style: Optional[str] = _recipe("aug_style",
         "'fastai': aug_transforms (flip, warp, rotate, zoom in, logit-space lighting, each part "
         "drawn on its own); 'literal': rotation + zoom out + perspective in one draw, linear "
         "brightness/contrast", choices=("fastai", "literal"))

@@ -10,16 +10,16 @@ fastai's recipe (``recipe="fastai"``, docs/trainer.md has the table):
   and every bias, so each layer group becomes two torch param groups: with and without decay.
 * **Adam** with eps 1e-5 and beta2 0.99; beta1 follows the same cosine phases as the LR,
   0.95 -> 0.85 -> 0.95 (fastai's ``moms``). torch's Adam debiases with the current beta1 as fastai does.
-* **One optimizer for both stages.** fastai freezes by switching ``requires_grad`` off; a parameter
-  without a gradient is not stepped and keeps no state, and the head's moments (and those of the
-  body's BatchNorm layers, which train while frozen) carry into stage 2. torch's AdamW skips a
-  parameter whose ``.grad`` is None, which is the same effect.
+* **Stage 2 starts with fresh Adam moments.** fastai freezes by switching ``requires_grad`` off
+  (a parameter without a gradient is not stepped and keeps no state), and ``Learner.unfreeze()``
+  then clears the optimizer's state (``Optimizer.clear_state``): moments and step counts restart
+  in stage 2. ``carry_optimizer=True`` keeps them instead; torch's AdamW skips a parameter whose
+  ``.grad`` is None, so one optimizer can serve both stages.
 * **The curve** per stage is ``combined_cos(pct_start, lr_max/div, lr_max, lr_max/div_final)``
   evaluated at ``step / steps`` before each step, as fastai's ParamScheduler does.
 
 ``recipe="literal"`` keeps the earlier reading: body and head as two groups, decay on everything,
-eps 1e-8, a fixed beta1, a fresh optimizer per stage and torch's OneCycleLR curve (which ends at
-``lr_max / (div * final_div)``).
+eps 1e-8, a fixed beta1 and torch's OneCycleLR curve (which ends at ``lr_max / (div * final_div)``).
 """
 from __future__ import annotations
 

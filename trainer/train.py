@@ -7,8 +7,8 @@ its own. The loop reads top to bottom in phases:
   2. data                 study-level batches of one resolution (trainer/data.py)
   3. model                create_model + device, bf16 autocast / channels_last / CUDA graphs on CUDA
   4. resume               continue after the last finished epoch of checkpoints/latest.pt
-  5. epochs               stage 1 (body frozen) then stage 2 (unfrozen), each a one-cycle schedule;
-                          train -> validate -> records -> checkpoints after every epoch
+  5. epochs               stage 1 (body frozen) then stage 2 (unfrozen), each a one-cycle schedule
+                          (trainer/optim.py); train -> validate -> records -> checkpoints per epoch
   6. result               result.json, written last (its presence means "finished")
 
 docs/trainer.md describes the schedule, the records and the determinism guarantees.
@@ -16,9 +16,7 @@ docs/trainer.md describes the schedule, the records and the determinism guarante
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
-import io
 import json
 import logging
 import math
@@ -30,35 +28,24 @@ import time
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from common import storage
 from common.cli import UserError, run_cli
 from common.schema import task_key
+from common.trial_folder import TrialFolder
 from trainer import checkpoint as ckpt
-from trainer.augment import AugmentSettings, to_model_input
-from trainer.config import ConfigError, TrainConfig, field_help
-from trainer.data import StudyBatches, load_split, make_loader, resolve_workers, segment_max
+from trainer.augment import AugmentSettings
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import StudyBatches, load_split, make_loader, resolve_workers
 from trainer.compile import compile_model, want_compile
 from trainer.graphs import GraphedTraining, want_graphs
+from trainer.loop import (NonFiniteLossError, evaluate, predictions_table,  # noqa: F401
+                          train_one_epoch, write_parquet)
 from trainer.metrics import auroc_per_task, masked_bce_with_logits, nanmean
+from trainer.optim import build_optimizer, build_scheduler, set_stage
 
 log = logging.getLogger("trainer")
-
-CONFIG_NAME = "config.json"
-EPOCHS_NAME = "epochs.jsonl"
-RESULT_NAME = "result.json"
-LOG_NAME = "log.txt"
-
-# How often the CUDA path checks the loss for NaN/inf (each check is a CPU-GPU sync point). The CPU
-# path checks every step: there it costs nothing.
-CUDA_NAN_CHECK_EVERY = 25
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite: the trial fails instead of training on garbage."""
 
 
 class TrialConfigError(UserError):
@@ -134,177 +121,43 @@ class TrialLog:
 
 
 # ============================================================================================
-# Optimizer and schedule
-# ============================================================================================
-
-def build_optimizer(model, cfg: TrainConfig, stage: str) -> torch.optim.AdamW:
-    """Stage 'frozen': one group (head + body BatchNorm) at lr_frozen. Stage 'unfrozen': the body
-    and the head as two groups with discriminative max LRs (lr_body, lr_head)."""
-    if stage == "frozen":
-        model.freeze_body()
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad],
-                   "lr": cfg.lr_frozen}]
-    else:
-        model.unfreeze_body()
-        groups = [{"params": model.body_parameters(), "lr": cfg.lr_body},
-                  {"params": model.head_parameters(), "lr": cfg.lr_head}]
-    return torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(optimizer, cfg: TrainConfig, stage: str, steps_per_epoch: int):
-    """One cycle over the whole stage (fastai's fit_one_cycle): warm up from max/div to max over
-    pct_start of the steps, then cosine-anneal to max/final_div."""
-    epochs = cfg.epochs_frozen if stage == "frozen" else cfg.epochs_unfrozen
-    max_lrs = [g["lr"] for g in optimizer.param_groups]
-    # OneCycleLR needs at least 2 steps to have a warm-up and an annealing phase.
-    total = max(2, epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max_lrs, total_steps=total, pct_start=cfg.onecycle_pct_start,
-        div_factor=cfg.onecycle_div, final_div_factor=cfg.onecycle_final_div,
-        anneal_strategy="cos", cycle_momentum=False)
-
-
-# ============================================================================================
-# One epoch of training, one pass of validation
-# ============================================================================================
-
-def train_one_epoch(model, loader, optimizer, scheduler, *, epoch: int, device: torch.device,
-                    augment: bool, bf16: bool, channels_last: bool, progress: bool = False,
-                    graphs=None) -> tuple[float, int, float]:
-    """Returns (mean train loss, images seen, seconds).
-
-    ``graphs``: a trainer.graphs.GraphedTraining for this model and stage. It replays the forward
-    and backward as CUDA graphs; None runs them eagerly.
-    """
-    forward = model if graphs is None else graphs
-    model.train()
-    loader.sampler.epoch = epoch
-    nan_every = 1 if device.type == "cpu" else CUDA_NAN_CHECK_EVERY
-    losses: list[torch.Tensor] = []
-    checked = 0
-    images_seen = 0
-    batches = loader
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False)
-    t0 = time.perf_counter()
-    for step, batch in enumerate(batches, start=1):
-        # --- batch to the device: uint8 pixels, then float/augment/normalise there ---------------
-        images = batch["images"].to(device, non_blocking=True)            # N_img, 1, R, R uint8
-        study_index = batch["study_index"].to(device, non_blocking=True)  # N_img
-        labels = batch["labels"].to(device, non_blocking=True)            # S, T (NaN = excluded)
-        params = batch["aug"].to(device, non_blocking=True) if augment else None
-        x = to_model_input(images, params, channels_last)                 # N_img, 3, R, R float32
-
-        # --- forward: image logits -> study logits (max over a study's images) -> masked BCE -----
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            image_logits = forward(x)                                     # N_img, T
-        study_logits = segment_max(image_logits.float(), study_index, labels.shape[0])  # S, T
-        loss = masked_bce_with_logits(study_logits, labels)
-
-        # --- backward and update ------------------------------------------------------------------
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.detach())
-        images_seen += images.shape[0]
-
-        # --- NaN/inf check (a sync point on CUDA, hence not every step there) ---------------------
-        if step % nan_every == 0:
-            _check_finite(losses, checked, epoch)
-            checked = len(losses)
-    _check_finite(losses, checked, epoch)
-    seconds = time.perf_counter() - t0
-    mean_loss = float(torch.stack(losses).double().mean()) if losses else math.nan
-    return mean_loss, images_seen, seconds
-
-
-def _check_finite(losses: list[torch.Tensor], start: int, epoch: int) -> None:
-    if start >= len(losses):
-        return
-    window = torch.stack(losses[start:])
-    finite = torch.isfinite(window)
-    if not bool(finite.all()):
-        bad = start + int((~finite).nonzero()[0, 0])
-        raise NonFiniteLossError(
-            f"training loss is {float(window[bad - start])} at epoch {epoch}, step {bad + 1}: the "
-            f"trial is stopped (lower the learning rates, or check the input data)")
-
-
-@torch.no_grad()
-def evaluate(model, loader, *, device: torch.device, bf16: bool, channels_last: bool,
-             num_studies: int, progress: bool = False) -> np.ndarray:
-    """Study logits (S, T) float32 of the whole split, in split order, without augmentation."""
-    model.eval()
-    logits_out = np.zeros((num_studies, 0), dtype=np.float32)
-    batches = loader
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(loader, desc="validate", unit="batch", leave=False)
-    parts, positions = [], []
-    for batch in batches:
-        x = to_model_input(batch["images"].to(device, non_blocking=True), None, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            image_logits = model(x)
-        study_index = batch["study_index"].to(device)
-        parts.append(segment_max(image_logits.float(), study_index,
-                                 batch["labels"].shape[0]).cpu())
-        positions.append(batch["studies"])
-    if parts:
-        logits_out = np.zeros((num_studies, parts[0].shape[1]), dtype=np.float32)
-        logits_out[torch.cat(positions).numpy()] = torch.cat(parts).numpy()
-    return logits_out
-
-
-def predictions_table(study_ids: list[str], task_keys: list[str], labels: np.ndarray,
-                      probs: np.ndarray) -> pa.Table:
-    """Long format: one row per (study, task) labelled for that task."""
-    rows_study, rows_task, rows_label, rows_prob = [], [], [], []
-    for j, key in enumerate(task_keys):
-        present = np.flatnonzero(~np.isnan(labels[:, j]))
-        rows_study.extend(study_ids[i] for i in present)
-        rows_task.extend([key] * len(present))
-        rows_label.append(labels[present, j])
-        rows_prob.append(probs[present, j])
-    return pa.table({
-        "study_id": pa.array(rows_study, pa.string()),
-        "task": pa.array(rows_task, pa.string()),
-        "label": pa.array(np.concatenate(rows_label).astype(np.float32)),
-        "probability": pa.array(np.concatenate(rows_prob).astype(np.float32)),
-    })
-
-
-def _write_parquet(location: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(location, buf.getvalue())
-
-
-# ============================================================================================
 # The trial
 # ============================================================================================
 
-def check_trial_dir(trial_dir: str, cfg: TrainConfig, manifest_hash: str) -> dict | None:
+def check_trial_dir(folder: TrialFolder, cfg: TrainConfig, manifest_hash: str) -> dict | None:
     """The stored config.json, after checking it is this trial's; None for a fresh folder."""
-    loc = storage.join(trial_dir, CONFIG_NAME)
-    if not storage.exists(loc):
+    if not folder.exists():
         return None
     try:
-        stored = storage.read_json(loc)
+        stored = folder.read_config()
         stored_cfg = TrainConfig.from_dict(stored["config"])
     except (ValueError, KeyError, UserError) as exc:
-        raise TrialConfigError(f"{storage.display(loc)} is not a readable trial config ({exc}); "
-                               f"use a new --out folder") from None
+        raise TrialConfigError(f"{storage.display(folder.config_path)} is not a readable trial "
+                               f"config ({exc}); use a new --out folder") from None
     diffs = [f"{k}: {stored_cfg.result_dict()[k]!r} -> {v!r}"
              for k, v in cfg.result_dict().items() if stored_cfg.result_dict()[k] != v]
     if stored.get("manifest_hash") != manifest_hash:
         diffs.append(f"store manifest_hash: {str(stored.get('manifest_hash'))[:12]} -> "
                      f"{manifest_hash[:12]}")
     if diffs:
-        raise TrialConfigError(f"trial folder {storage.display(trial_dir)} holds a different trial "
+        raise TrialConfigError(f"trial folder {folder.display()} holds a different trial "
                                f"({'; '.join(diffs)}); use a new --out folder")
     return stored
+
+
+def check_store_tasks(store, cfg: TrainConfig) -> None:
+    """Every task the trial trains is one the store labels (its manifest lists them)."""
+    missing = [t for t in cfg.trained_tasks if t not in store.tasks]
+    if missing:
+        raise ConfigError(f"task(s) {', '.join(map(repr, missing))} not in store "
+                          f"{storage.display(cfg.store)}, which labels: {', '.join(store.tasks)}")
+
+
+def create_trial_model(cfg: TrainConfig, outputs: int, weights: str):
+    """The trial's CXRNet: its model, resolution, outputs and the recipe's model options."""
+    from trainer.models import create_model
+    return create_model(cfg.model, cfg.resolution, outputs=outputs, weights=weights,
+                        weights_dir=cfg.weights_dir or None, **cfg.model_options())
 
 
 def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None] | None = None,
@@ -320,6 +173,7 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
     if not cfg.store:
         raise ConfigError("store: no store location given (--store)")
     t_start = time.time()
+    folder = TrialFolder(trial_dir)
 
     # ---- 1. store and identity ----------------------------------------------------------------
     store_loc = cfg.store
@@ -331,21 +185,21 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
     store = open_store(store_loc, verify=True, resolution=cfg.resolution)
     for split in ("train", "valid"):
         store.shards(cfg.resolution, split)  # StoreError naming what is missing
+    check_store_tasks(store, cfg)
     manifest_hash = store.manifest_hash
     trial_id = cfg.trial_id(manifest_hash)
-    stored_config = check_trial_dir(trial_dir, cfg, manifest_hash)
-    result_loc = storage.join(trial_dir, RESULT_NAME)
-    if stored_config is not None and storage.exists(result_loc):
-        return storage.read_json(result_loc)
+    stored_config = check_trial_dir(folder, cfg, manifest_hash)
+    if stored_config is not None and folder.is_finished():
+        return folder.read_result()
     storage.makedirs(trial_dir)
-    trial_log = TrialLog(storage.join(trial_dir, LOG_NAME))
+    trial_log = TrialLog(folder.log_path)
     if stored_config is None:
-        storage.write_json(storage.join(trial_dir, CONFIG_NAME), {
+        folder.write_config({
             "trial_id": trial_id, "config": cfg.to_dict(), "manifest_hash": manifest_hash,
             "result_fields": list(TrainConfig.result_fields()), "git_commit": git_commit(),
             "dataset": store.manifest["dataset"], "created": _now()})
-    trial_log(f"trial {trial_id} in {storage.display(trial_dir)}; store {storage.display(cfg.store)} "
-              f"({store.manifest['dataset']}, manifest {manifest_hash[:12]})")
+    trial_log(f"trial {trial_id} in {folder.display()}; store {storage.display(cfg.store)} "
+              f"({store.manifest['dataset']}, manifest {manifest_hash[:12]}); recipe {cfg.recipe}")
 
     # ---- 2. data ----------------------------------------------------------------------------
     tasks = cfg.trained_tasks
@@ -370,7 +224,6 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
               f"tasks {', '.join(keys)}; {workers} loader workers")
 
     # ---- 3. model and numerics ------------------------------------------------------------------
-    from trainer.models import create_model
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         # Bitwise-reproducible CPU runs (the resume guarantee rests on this).
@@ -380,13 +233,11 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
         # each), and benchmark mode re-tunes every new shape (measured: docs/bench-trainer.md).
         torch.backends.cudnn.benchmark = False
     try:
-        latest_loc = storage.join(trial_dir, "checkpoints", ckpt.LATEST)
-        resume = ckpt.load(latest_loc) if storage.exists(latest_loc) else None
+        latest_loc = folder.latest_checkpoint
+        resume = ckpt.load_latest(trial_dir)   # falls back to previous.pt when latest.pt is damaged
         torch.manual_seed(cfg.seed)  # head (and random body) initialisation
         np.random.seed(cfg.seed % 2**32)
-        model = create_model(cfg.model, cfg.resolution, outputs=len(tasks),
-                             weights="none" if resume else cfg.weights,
-                             weights_dir=cfg.weights_dir or None)
+        model = create_trial_model(cfg, len(tasks), "none" if resume else cfg.weights)
         bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
         graphs_on = want_graphs(cfg.cuda_graphs, device, cfg.resolution)
         model = model.to(device, memory_format=torch.channels_last if channels_last
@@ -399,6 +250,9 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
                   f"CUDA graphs {'on' if graphs_on else 'off'}, compile {'on' if compile_on else 'off'}")
 
         # ---- 4. resume ------------------------------------------------------------------------
+        # Stage 2 starts with fresh Adam moments, as fastai's Learner.unfreeze() leaves it
+        # (it clears the optimizer state); cfg.carry_optimizer keeps stage 1's instead (freezing
+        # only switches gradients off). The schedule is rebuilt per stage.
         history: list[dict] = []
         best: dict[str, dict] = {}
         start_epoch = 1
@@ -408,22 +262,29 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
             model.load_state_dict(resume["model"])
             history, best = list(resume["history"]), dict(resume["best"])
             start_epoch = int(resume["epoch"]) + 1
-            if start_epoch <= cfg.total_epochs and cfg.stage(start_epoch) == resume["stage"]:
-                opt_stage = resume["stage"]
-                optimizer = build_optimizer(model, cfg, opt_stage)
-                scheduler = build_scheduler(optimizer, cfg, opt_stage, steps_per_epoch)
-                optimizer.load_state_dict(resume["optimizer"])
-                scheduler.load_state_dict(resume["scheduler"])
+            if start_epoch <= cfg.total_epochs:
+                stage = cfg.stage(start_epoch)
+                same_stage = stage == resume["stage"]
+                if same_stage or cfg.carry_optimizer:
+                    optimizer = build_optimizer(model, cfg, stage)
+                    optimizer.load_state_dict(resume["optimizer"])
+                    scheduler = build_scheduler(optimizer, cfg, stage, steps_per_epoch)
+                    if same_stage:
+                        scheduler.load_state_dict(resume["scheduler"])
+                    opt_stage = stage
             ckpt.set_rng_state(resume["rng"])
             trial_log(f"resumed after epoch {resume['epoch']}")
         # epochs.jsonl must match the checkpoint (a crash may have left one record too many).
-        _write_epochs(trial_dir, history)
+        folder.write_epochs(history)
 
         # ---- 5. epochs ----------------------------------------------------------------------------
         for epoch in range(start_epoch, cfg.total_epochs + 1):
             stage = cfg.stage(epoch)
-            if stage != opt_stage:  # stage boundary: new optimizer and a new one-cycle schedule
-                optimizer = build_optimizer(model, cfg, stage)
+            if stage != opt_stage:  # stage boundary: a new one-cycle schedule
+                if optimizer is None or not cfg.carry_optimizer:
+                    optimizer = build_optimizer(model, cfg, stage)
+                else:
+                    set_stage(model, stage)
                 scheduler = build_scheduler(optimizer, cfg, stage, steps_per_epoch)
                 opt_stage = stage
             if graphs_on and (graphs is None or graphs.stage != stage):
@@ -435,7 +296,7 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
             train_loss, n_images, train_seconds = train_one_epoch(
                 model, train_loader, optimizer, scheduler, epoch=epoch, device=device,
                 augment=augment is not None, bf16=bf16, channels_last=channels_last,
-                progress=progress, graphs=graphs)
+                progress=progress, graphs=graphs, aug_style=cfg.aug_style)
             if graphs is not None:
                 trial_log(f"epoch {epoch}: CUDA graphs {graphs.stats()}")
 
@@ -448,7 +309,7 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
             aurocs = auroc_per_task(valid_data.labels, probs, keys)
 
             # ---- records: predictions, epoch record, best checkpoints, latest checkpoint -------
-            _write_parquet(storage.join(trial_dir, "predictions", f"epoch-{epoch:03d}.parquet"),
+            write_parquet(folder.predictions_path(epoch),
                            predictions_table(valid_data.study_ids, keys, valid_data.labels, probs))
             record = {"epoch": epoch, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
                       **{f"auroc_{k}": aurocs[k] for k in keys},
@@ -457,11 +318,11 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
                       "epoch_seconds": time.perf_counter() - t_epoch,
                       "peak_memory_bytes": peak_memory_bytes(device)}
             history.append(record)
-            _write_epochs(trial_dir, history)
+            folder.write_epochs(history)
             for k in keys:
                 if not math.isnan(aurocs[k]) and aurocs[k] > best.get(k, {}).get("auroc", -1.0):
                     best[k] = {"epoch": epoch, "auroc": aurocs[k]}
-                    ckpt.save(storage.join(trial_dir, "checkpoints", ckpt.best_name(k)),
+                    ckpt.save(folder.best_checkpoint(k),
                               {"model": model.state_dict(), "epoch": epoch, "auroc": aurocs[k],
                                "task": k, "trial_id": trial_id})
             # latest.pt is the commit point of the epoch: written after everything it describes.
@@ -489,15 +350,10 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in history),
         "seconds": train_seconds_total, "wall_seconds_this_run": time.time() - t_start,
         "device": device_name(device), "git_commit": git_commit(), "finished": _now()}
-    storage.write_json(result_loc, result)
+    folder.write_result(result)
     trial_log(f"finished: best {json.dumps(best, sort_keys=True)}")
     trial_log.flush()
     return result
-
-
-def _write_epochs(trial_dir: str, history: list[dict]) -> None:
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-    storage.write_bytes(storage.join(trial_dir, EPOCHS_NAME), text.encode("utf-8"))
 
 
 def _now() -> str:
@@ -522,6 +378,10 @@ EPILOG = """examples:
   python -m trainer.train --store demo/store --model efficientnet --resolution 240 \\
       --task-mode single --task Cardiomegaly --out runs/cardio
 
+  # the literal reading of the thesis's recipe instead of fastai's (docs/trainer.md)
+  python -m trainer.train --store demo/store --model resnet50 --resolution 320 \\
+      --recipe literal --out runs/literal
+
   # settings from a file (JSON or YAML), flags override it
   python -m trainer.train --config trial.yaml --seed 1 --out runs/s1
 
@@ -531,6 +391,7 @@ result if the trial finished. A folder of a different configuration is refused.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.config_args import add_config_arguments
     parser = argparse.ArgumentParser(prog="python -m trainer.train", description=HELP,
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -538,31 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE",
                         help="JSON/YAML file of TrainConfig fields (flags override it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    helps = field_help()
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        names = [flag, "--epochs"] if f.name == "epochs_unfrozen" else [flag]
-        default = getattr(defaults, f.name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        text = f"{helps.get(f.name, '')} (default: {shown!r})".replace("%", "%%")
-        if f.type in (bool, "bool"):
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=text)
-        else:
-            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else
-                                                     getattr(f.type, "__name__", ""), str)
-            parser.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=text)
+    fields = parser.add_argument_group("trial settings (TrainConfig; docs/trainer.md)")
+    add_config_arguments(fields, TrainConfig)
+    fields.add_argument("--epochs", dest="epochs_unfrozen", type=int, default=argparse.SUPPRESS,
+                        metavar="EPOCHS_UNFROZEN", help="the same as --epochs-unfrozen")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """defaults < --config file < flags."""
-    base = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if hasattr(args, f.name)}
-    return TrainConfig.from_dict(given, base=base)
+    from common import config_args
+    base = TrainConfig.from_file(args.config) if args.config else None
+    return config_args.config_from_args(args, TrainConfig, base=base)
 
 
 def format_result(result: dict) -> str:
