@@ -1,7 +1,7 @@
 """One model stepping the trainer's own training step, and how its steps are timed.
 
 Nothing here re-implements the trainer: the optimizer and schedule are the trainer's builders, the
-step is ``trainer.train.train_one_epoch`` run over a window of batches (uint8 batch -> device, keyed
+step is the trainer's ``train_one_epoch`` run over a window of batches (uint8 batch -> device, keyed
 augmentation + ImageNet normalisation on the device, bf16 autocast forward, study logit = max over
 the study's images, masked multi-task BCE, backward, optimizer, schedule, the NaN check), and the
 modes are the trainer's: ``trainer.graphs.GraphedTraining`` and ``trainer.compile.compile_model``.
@@ -26,7 +26,7 @@ BATCH = {"studies": 40, "images": 60}
 def trainer_api() -> dict:
     """The trainer's public step and optimizer builders, wherever the trainer keeps them."""
     api = {}
-    for name, modules in (("train_one_epoch", ("trainer.train",)),
+    for name, modules in (("train_one_epoch", ("trainer.loop", "trainer.train")),
                           ("build_optimizer", ("trainer.optim", "trainer.train")),
                           ("build_scheduler", ("trainer.optim", "trainer.train"))):
         for module in modules:
@@ -84,7 +84,7 @@ class Trial:
         self.parameters = sum(p.numel() for p in model.parameters())
         model = model.to(device, memory_format=torch.channels_last if channels_last
                          else torch.contiguous_format)
-        self.step_source = "trainer.train.train_one_epoch"
+        self.step_source = f"{api['train_one_epoch'].__module__}.train_one_epoch"
         if compile:
             from trainer.compile import compile_model
             compile_model(model)
