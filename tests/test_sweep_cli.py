@@ -140,3 +140,28 @@ def test_demo_help_matches_the_readme():
     assert "python -m orchestrator.demo" in readme
     for phrase in ("demo/results/report.html", "smallcnn", "300-study phantom"):
         assert phrase in text and phrase in readme, phrase
+
+
+def test_ray_up_writes_the_settings_file_on_the_head(tmp_path):
+    """cluster.yaml's head setup, run in a fake home: the card's command then needs no flags."""
+    import yaml
+    config = yaml.safe_load(open(os.path.join(REPO, "cluster.yaml")))
+    home = tmp_path / "home"
+    (home / ".cxr-sweep").mkdir(parents=True)
+    (home / ".cxr-sweep" / "env.sh").write_text(
+        "export CXR_BUCKET=b\nexport CXR_STORE=s3://$CXR_BUCKET/store\n"
+        "export CXR_STORAGE=s3://$CXR_BUCKET/sweeps\nexport CXR_WEIGHTS_DIR=s3://$CXR_BUCKET/weights\n"
+        "export CXR_CACHE_DIR=$HOME/cxr-cache\n")
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    for command in config["head_setup_commands"]:
+        subprocess.run(["bash", "-c", command], env=env, check=True, timeout=60)
+    (home / "cxr-sweep").mkdir()
+    os.chdir(home / "cxr-sweep")          # the file is found from any folder below ~
+    s, t = sweep.configs_from_argv(THESIS)
+    assert (s.store, s.storage, s.name, s.address) == ("s3://b/store", "s3://b/sweeps", "thesis", "auto")
+    assert s.gpus_explicit and t.weights_dir == "s3://b/weights"
+    assert t.cache_dir == str(home / "cxr-cache")
+    (home / "cxr-sweep.toml").write_text('name = "mine"\n')     # a second `ray up` keeps edits
+    for command in config["head_setup_commands"]:
+        subprocess.run(["bash", "-c", command], env=env, check=True, timeout=60)
+    assert (home / "cxr-sweep.toml").read_text() == 'name = "mine"\n'
