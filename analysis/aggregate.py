@@ -65,7 +65,7 @@ def compute_tables(data: SweepData) -> dict[str, pd.DataFrame]:
 
 def aggregate_sweep(sweep_location: str, results_dir: str | None = None, *, bootstrap: int = 0,
                     seed: int = 0, figures: bool = True, report: bool = True,
-                    progress: bool = False) -> Summary:
+                    progress: bool = False, gradcam_images: Sequence[str] | None = None) -> Summary:
     """Aggregate one sweep into ``results_dir`` (default ``STORAGE/NAME/results``).
 
     ``bootstrap`` > 0 adds a stratified percentile bootstrap CI with that many resamples, seeded
@@ -83,7 +83,8 @@ def aggregate_sweep(sweep_location: str, results_dir: str | None = None, *, boot
     if report:   # the report draws its own figures (analysis.plots) from the data and tables
         from analysis import report as report_mod
         written, skipped = report_mod.write_report(data, computed, out_dir, bootstrap=bootstrap,
-                                                   figures=figures)
+                                                   figures=figures,
+                                                   gradcam_images=list(gradcam_images or []))
         files += written
     summary = Summary(sweep=storage.display(sweep_location), out_dir=storage.display(out_dir),
                       counts=data.counts(), trials=len(data.trials), problems=len(data.problems),
@@ -120,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a report without figures (and without Grad-CAM)")
     parser.add_argument("--no-report", action="store_true",
                         help="tables only: no report.md, report.html or figures")
+    parser.add_argument("--gradcam-images", nargs="+", default=None, metavar="FILE",
+                        help="images for the report's Grad-CAM panels (default: the store's first "
+                             "two frontal validation images)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no table")
 
 
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
     summary = aggregate_sweep(args.sweep, args.results_dir, bootstrap=args.bootstrap,
                               seed=args.seed, figures=not args.no_figures,
-                              report=not args.no_report, progress=not args.quiet)
+                              report=not args.no_report, progress=not args.quiet,
+                              gradcam_images=args.gradcam_images)
     if not args.quiet:
         print(summary.table)
         c = summary.counts

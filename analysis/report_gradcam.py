@@ -46,19 +46,33 @@ def store_images(store_location: str, n: int = DEFAULT_IMAGES):
     return images
 
 
+def read_images(paths: list[str]):
+    """The user's images; a missing or unreadable one is a UserError naming the flag and file
+    (the report is not written with panels the user asked for silently missing)."""
+    from analysis.gradcam import read_image
+    from common.cli import UserError
+    images = []
+    for p in paths:
+        try:
+            images.append(read_image(p))
+        except UserError as exc:
+            raise UserError(str(exc).replace("--images:", "--gradcam-images:", 1)) from None
+    return images
+
+
 def gradcam_figure(sweep_location: str, store_location: str | None,
                    image_paths: list[str] | None = None, device: str = "cpu",
                    n_default: int = DEFAULT_IMAGES) -> CamFigure:
     """Grad-CAM panels of the sweep's best checkpoint per task and resolution, or the reason why
-    there are none (no checkpoints, no images); never raises for a missing record."""
+    there are none (no checkpoints, no images); never raises for a missing record, only for an
+    image the user named that cannot be read."""
     from analysis import gradcam
+    images = read_images(image_paths) if image_paths else []
+    if not images and not store_location:
+        return CamFigure(None, note="no images given and no store to take validation images from")
     try:
-        if image_paths:
-            images = [gradcam.read_image(p) for p in image_paths]
-        elif store_location:
+        if not images:
             images = store_images(store_location, n_default)
-        else:
-            return CamFigure(None, note="no images given and no store to take validation images from")
         if not images:
             return CamFigure(None, note="the store's validation split holds no image")
         gradcam.unique_names(images)

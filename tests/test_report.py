@@ -389,3 +389,15 @@ def test_trials_of_another_configuration_are_named_not_pooled(tmp_path):
     assert "<strong>1 trial(s) of another configuration are left out</strong>" in text
     assert changed in md.split("## Tables")[1]
     assert "best **resnet18 at 64 px**" in md      # the 128 px trial is not in the answer
+
+
+def test_a_missing_gradcam_image_is_one_clear_error(tmp_path):
+    fab = fabricate(tmp_path, resolutions=(64,), models=("resnet18",))
+    proc = subprocess.run([os.sys.executable, "-m", "analysis.aggregate", "--sweep", fab.location,
+                           "--results-dir", str(tmp_path / "out"), "--quiet",
+                           "--gradcam-images", str(tmp_path / "nope.png")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"--gradcam-images: {tmp_path / 'nope.png'} does not exist")
+    assert "Traceback" not in proc.stderr
