@@ -76,10 +76,14 @@ _counted: dict[tuple[str, int], float | None] = {}
 
 
 def family(model: str) -> str:
-    for fam in ("resnet", "densenet", "efficientnet"):
-        if model.startswith(fam):
-            return fam
-    return "other"
+    """The model's registered family where FAMILY_EFFICIENCY has a factor for it, else 'other'
+    (timm families included: 'timm:resnet' is not torchvision's ResNet)."""
+    from trainer.models import UnknownModelError, model_info
+    try:
+        fam = model_info(model).family
+    except UnknownModelError:
+        return "other"
+    return fam if fam in FAMILY_EFFICIENCY else "other"
 
 
 def counted_flops(model: str, resolution: int) -> float | None:
