@@ -143,22 +143,24 @@ def test_gpu_memory_from_ray_nodes_and_several_measurement_files(tmp_path):
     assert packing.load_table(first)[("efficientnet-b0", 160)].busy_share == pytest.approx(0.8)
 
 
-def test_the_measured_h200_files_pack_small_eager_trials_only():
+def test_files_measured_with_cudnn_autotuning_are_not_a_trials_figures(tmp_path):
+    """Trials run with cuDNN autotuning off; the H200 files (and the H100 cudnn-benchmark file)
+    were measured with it on, so neither their rates nor their footprints are taken."""
+    import json
     import os
     root = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
     files = [os.path.join(root, f"gpu_check-h200-2026-11-26-{x}.json") for x in "ab"]
     if not all(os.path.exists(f) for f in files):
         pytest.skip("bench/results/gpu_check-h200-*.json not present")
-    # These files predate CUDA graphs: every row is eager, which is what cuda_graphs='off' runs.
-    assert all(k[1] > 320 for k in packing.load_table(files) if
-               packing.load_table(files)[k].source.startswith("measured"))
-    table = packing.load_table(files, cuda_graphs="off")
-    measured = {k: v for k, v in table.items() if v.source.startswith("measured")}
-    assert {k for k in measured if k[1] == 160} >= {("resnet50", 160), ("densenet121", 160),
-                                                    ("efficientnet-b0", 160)}
-    for (model, res), fp in measured.items():
-        share = gpus_per_trial(model, res, 80, table)
-        assert (share < 1) == (res == 160), (model, res, fp, share)
+    for path in files:
+        assert json.load(open(path))["settings"]["cudnn_benchmark"] is True
+        assert packing.load_measurements(path, cuda_graphs="off") == {}
+    assert packing.measured_rates(files, cuda_graphs="off") == {}
+    # the same rows without autotuning are taken
+    report = json.load(open(files[1]))
+    report["settings"]["cudnn_benchmark"] = False
+    (tmp_path / "h200.json").write_text(json.dumps(report))
+    assert packing.load_measurements(str(tmp_path / "h200.json"), cuda_graphs="off")
 
 
 def test_the_measured_h100_file_uses_the_rows_of_the_trials_graph_mode():
@@ -186,12 +188,35 @@ def test_the_measured_h100_file_uses_the_rows_of_the_trials_graph_mode():
 
 def test_measured_rates_replace_the_table_in_the_gpu_hours_estimate(tmp_path):
     from orchestrator import estimate as est
+    from orchestrator import throughput
     rates = packing.measured_rates(_report(tmp_path))
     assert rates[("efficientnet-b0", 160)][0] == 3000.0 and ("resnet50", 480) in rates
+    assert rates[("efficientnet-b0", 160)][1].endswith("(gpu_check.json)")   # names its file
     trials = [("efficientnet-b0", 160), ("densenet121", 320)]
-    e = est.estimate(trials, epochs=2, train_images=3000, valid_images=0,
-                     measured={k: v[0] for k, v in rates.items()})
-    assert e.per_group[("efficientnet-b0", 160)]["source"] == "measured"
+    e = est.estimate(trials, epochs=2, train_images=3000, valid_images=0, measured=rates)
+    assert e.per_group[("efficientnet-b0", 160)]["source"].startswith("measured: NVIDIA H100")
     assert e.per_group[("efficientnet-b0", 160)]["gpu_hours"] == pytest.approx(2 * 3000 / 3000 / 3600)
     assert e.per_group[("densenet121", 320)]["source"] == "table"
-    assert e.per_group[("densenet121", 320)]["images_per_s"] == est.images_per_s("densenet121", 320)
+    assert e.per_group[("densenet121", 320)]["images_per_s"] == throughput.images_per_s("densenet121", 320)
+
+
+def test_one_throughput_model_serves_the_estimate_and_the_packing(monkeypatch):
+    """The packing's GPU time per step is the protocol batch over the same images/s the GPU-hour
+    estimate uses, and the batch is the one images-per-batch figure (40 studies -> 48 images)."""
+    from common.schema import images_per_batch
+    from orchestrator import throughput
+    assert throughput.protocol_images_per_batch() == images_per_batch(40) == 48
+    slow = packing.estimate("resnet50", 480, graphs=False)
+    monkeypatch.setattr(throughput, "images_per_s", lambda m, r: 1e9)   # a much faster GPU
+    fast = packing.estimate("resnet50", 480, graphs=False)
+    assert fast.busy_share < slow.busy_share and fast.memory_gb == slow.memory_gb
+
+
+def test_models_without_a_profile_get_a_flops_estimate():
+    from orchestrator import throughput
+    assert throughput.source("smallcnn") == "FLOPs estimate"
+    flops, where = throughput.forward_flops("smallcnn", 64)
+    assert where == "FLOPs estimate" and flops > 0
+    assert throughput.images_per_s("smallcnn", 64) > throughput.images_per_s("smallcnn", 128)
+    with pytest.raises(ValueError, match="no throughput estimate for 'no-such-net'"):
+        throughput.images_per_s("no-such-net", 64)
