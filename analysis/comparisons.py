@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import delong
-from analysis.records import SweepData, task_name, task_order, usable
+from analysis.records import SweepData, task_order, usable
 from analysis.tables import SCALING_PAIRS, model_group, summary_by_model
 from common.schema import task_key
 
@@ -73,7 +73,7 @@ def with_holm(rows: list[dict]) -> pd.DataFrame:
 
 
 def _row(kind: str, mode: str, key: str, a: Mapping, b: Mapping, seed, test: dict) -> dict:
-    return {"comparison": kind, "task_mode": mode, "task": task_name(key), "model_a": a["model"],
+    return {"comparison": kind, "task_mode": mode, "task": a["task"], "model_a": a["model"],
             "resolution_a": int(a["resolution"]), "model_b": b["model"],
             "resolution_b": int(b["resolution"]), "seed": seed, "trial_a": a["trial_id"],
             "trial_b": b["trial_id"], **test}
@@ -149,7 +149,7 @@ def model_scaling(trials: pd.DataFrame) -> pd.DataFrame:
         for family, large, small in SCALING_PAIRS:
             if large not in stats.index or small not in stats.index:
                 continue
-            rows.append({"task_mode": mode, "task": task_name(key), "resolution": res,
+            rows.append({"task_mode": mode, "task": best["task"], "resolution": res,
                          "family": family, "larger": large, "smaller": small,
                          "delta_max": stats.at[large, "max"] - stats.at[small, "max"],
                          "delta_mean": stats.at[large, "mean"] - stats.at[small, "mean"],

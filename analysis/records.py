@@ -30,8 +30,8 @@ from analysis.configuration import configuration_fields, configuration_key, diff
 from common import storage
 from common.cli import UserError
 from common.schema import MANIFEST_NAME, TASK_KEYS, TASKS, task_key
-from common.sweep_folder import SweepFile, SweepFolder
-from common.trial_folder import TrialFolder
+from common.sweep_folder import SWEEP_FILE, SweepFile, SweepFolder
+from common.trial_folder import CONFIG, RESULT, TrialFolder
 
 GRID_STATES = ("finished", "failed", "running", "pending", "missing")
 TASK_NAMES = dict(zip(TASK_KEYS, TASKS))
@@ -50,8 +50,9 @@ class Problem:
     what: str
 
 
-def task_name(key: str) -> str:
-    return TASK_NAMES.get(key, key)
+def task_name(key: str, names: dict[str, str] | None = None) -> str:
+    """The task's name: the store's own label when its manifest is at hand, else CheXpert's."""
+    return (names or {}).get(key) or TASK_NAMES.get(key, key)
 
 
 def model_family(name: str) -> tuple[str, str]:
@@ -168,7 +169,7 @@ class SweepData:
             rows.append({"configuration": r.configuration or "unknown", **r.params(),
                          "state": r.state,
                          "differs_from_main": "; ".join(conf.differs) if conf else
-                         "no readable config.json"})
+                         f"no readable {CONFIG}"})
         return pd.DataFrame(rows, columns=cols)
 
 
@@ -195,9 +196,9 @@ def _read_sweep_file(folder: SweepFolder, problems: list[Problem]) -> SweepFile 
     try:
         return folder.read_sweep_file()
     except FileNotFoundError:
-        problems.append(Problem(where, "sweep.json is missing"))
+        problems.append(Problem(where, f"{SWEEP_FILE} is missing"))
     except Exception as exc:
-        problems.append(Problem(where, f"sweep.json is unreadable: {_one_line(exc)}"))
+        problems.append(Problem(where, f"{SWEEP_FILE} is unreadable: {_one_line(exc)}"))
     return None
 
 
@@ -209,7 +210,7 @@ def _load_manifest(sweep: SweepFile | None, problems: list[Problem]) -> dict | N
         return sweep.extra["manifest"]
     store = sweep.store_location or sweep.store
     if not store:
-        problems.append(Problem("sweep.json", "no store location: dataset manifest not shown"))
+        problems.append(Problem(SWEEP_FILE, "no store location: dataset manifest not shown"))
         return None
     loc = storage.join(store, MANIFEST_NAME)
     return _read_json(lambda: storage.read_json(loc), storage.display(loc), "the store's manifest",
@@ -225,7 +226,7 @@ def _trial_order(sweep: SweepFile | None, folder: SweepFolder, ledger_ids: list[
     if sweep is None or not (sweep.trials or sweep.trial_ids):
         if sweep is not None:
             problems.append(Problem(storage.display(folder.sweep_file),
-                                    "sweep.json lists no trials: missing trials cannot be named"))
+                                    f"{SWEEP_FILE} lists no trials: missing trials cannot be named"))
         ids = sorted(set(ledger_ids) | set(trial_dirs))
         return ids, {}, set(ids)
     points = {t: p for t, p in (sweep.all_trials or {}).items() if isinstance(p, dict)}
@@ -236,7 +237,7 @@ def _trial_order(sweep: SweepFile | None, folder: SweepFolder, ledger_ids: list[
     order = current + earlier
     for tid in sorted((set(ledger_ids) | set(trial_dirs)) - set(order)):
         problems.append(Problem(storage.display(folder.trial(tid).location),
-                                "trial is not in sweep.json's grid: left out"))
+                                f"trial is not in {SWEEP_FILE}'s grid: left out"))
     return order, points, set(current)
 
 
@@ -257,19 +258,19 @@ def _read_record(folder: SweepFolder, tid: str, point: dict | None, in_current: 
     err = (entry or {}).get("error") or ""
     rec.error = str(err).strip().splitlines()[-1][:200] if err else ""
     if has_folder:
-        doc = _read_json(tf.read_config, storage.display(tf.config_path), "config.json", problems,
+        doc = _read_json(tf.read_config, storage.display(tf.config_path), CONFIG, problems,
                          required=False)
         if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
             rec.config = doc["config"]
             rec.manifest_hash = str(doc.get("manifest_hash") or "")
             rec.configuration = configuration_key(rec.config, rec.manifest_hash)
         elif doc is not None:
-            problems.append(Problem(storage.display(tf.config_path), "config.json holds no 'config'"))
-        result = _read_json(tf.read_result, storage.display(tf.result_path), "result.json",
+            problems.append(Problem(storage.display(tf.config_path), f"{CONFIG} holds no 'config'"))
+        result = _read_json(tf.read_result, storage.display(tf.result_path), RESULT,
                             problems, required=False)
         if result is not None and not (isinstance(result, dict) and isinstance(result.get("best"), dict)):
             problems.append(Problem(storage.display(tf.result_path),
-                                    "result.json has no 'best' record: trial skipped"))
+                                    f"{RESULT} has no 'best' record: trial skipped"))
             result = None
         rec.result = result
         rec.epochs, bad = tf.read_epochs_checked()
@@ -286,7 +287,7 @@ def _read_record(folder: SweepFolder, tid: str, point: dict | None, in_current: 
         state = "finished"
     elif state == "finished":   # the ledger says finished but the result record is not usable
         problems.append(Problem(storage.display(tf.result_path),
-                                "ledger says finished but result.json is missing or unreadable"))
+                                f"ledger says finished but {RESULT} is missing or unreadable"))
         state = "failed"
     rec.state = state if state in GRID_STATES else "pending"
     return rec
@@ -302,7 +303,7 @@ def _choose_main(sweep: SweepFile | None, records: list[TrialRecord],
         return ""
     main = sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
     if len(counted) > 1:
-        problems.append(Problem(where, f"no base configuration in sweep.json: the configuration of "
+        problems.append(Problem(where, f"no base configuration in {SWEEP_FILE}: the configuration of "
                                        f"most trials ({main}) is taken as the main one"))
     return main
 
@@ -330,7 +331,7 @@ def _configurations(sweep: SweepFile | None, records: list[TrialRecord], main: s
 
 # --- per task rows ------------------------------------------------------------------------------
 def _task_rows(rec: TrialRecord, bootstrap: int, seed: int, predictions: dict,
-               problems: list[Problem]) -> list[dict]:
+               problems: list[Problem], names: dict[str, str]) -> list[dict]:
     """One row per task of a finished trial, with its DeLong (and bootstrap) interval from the best
     epoch's predictions, which must reproduce result.json's AUROC."""
     family, variant = model_family(rec.model)
@@ -348,7 +349,7 @@ def _task_rows(rec: TrialRecord, bootstrap: int, seed: int, predictions: dict,
         except Exception as exc:
             problems.append(Problem(result_where, f"best record of {key} unreadable: {_one_line(exc)}"))
             continue
-        row = {**meta, "task": task_name(key), "task_key": key, "best_epoch": epoch,
+        row = {**meta, "task": task_name(key, names), "task_key": key, "best_epoch": epoch,
                "best_auroc": auroc, "ci_low": math.nan, "ci_high": math.nan, "ci_note": "",
                "auroc_from_predictions": math.nan, "n_pos": 0, "n_neg": 0}
         if bootstrap:
@@ -374,7 +375,7 @@ def _task_rows(rec: TrialRecord, bootstrap: int, seed: int, predictions: dict,
                    n_pos=ci.n_pos, n_neg=ci.n_neg)
         if not math.isnan(auroc) and abs(ci.auroc - auroc) > 1e-6:
             problems.append(Problem(where, f"{key}: AUROC from predictions {ci.auroc:.6f} != "
-                                           f"result.json {auroc:.6f}"))
+                                           f"{RESULT} {auroc:.6f}"))
         if bootstrap:
             lo, hi = delong.bootstrap_ci(labels, probs, n=bootstrap, seed=seed)
             row.update(boot_low=lo, boot_high=hi)
@@ -455,6 +456,7 @@ def load_sweep(location: str, bootstrap: int = 0, seed: int = 0, progress: bool 
     # Earlier runs' trials that never started have no config to compare: they are not results.
     records = [r for r in records if r.configuration or r.in_current_grid or r.state != "missing"]
 
+    names = {task_key(str(t)): str(t) for t in (manifest or {}).get("tasks") or []}
     predictions: dict[tuple[str, str], pd.DataFrame] = {}
     main_rows, other_rows, epoch_rows = [], [], []
     for r in records:
@@ -462,14 +464,14 @@ def load_sweep(location: str, bootstrap: int = 0, seed: int = 0, progress: bool 
         if not is_main:
             conf = configurations.get(r.configuration)
             why = ("; ".join(conf.differs) or "the same fields, another key") if conf else \
-                "its config.json is missing or unreadable"
+                f"its {CONFIG} is missing or unreadable"
             problems.append(Problem(r.folder.display(), f"another configuration than the sweep's "
                                                         f"({why}): listed separately, not pooled"))
         if is_main:
             epoch_rows += [{**r.params(), "state": r.state, **e} for e in r.epochs]
         if r.result is not None:
             target = main_rows if is_main else other_rows
-            target += _task_rows(r, bootstrap, seed, predictions if is_main else {}, problems)
+            target += _task_rows(r, bootstrap, seed, predictions if is_main else {}, problems, names)
     epochs = pd.DataFrame(epoch_rows)
     if not epochs.empty:
         epochs = epochs.sort_values(["trial_id", "epoch"]).reset_index(drop=True)

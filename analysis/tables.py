@@ -12,10 +12,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.records import model_family, sort_key, task_name, usable
+from analysis.records import model_family, sort_key, usable
 
 #: Model-scaling pairs of the thesis: (family, larger, smaller).
 SCALING_PAIRS = (("resnet", "resnet152", "resnet50"), ("densenet", "densenet161", "densenet121"))
+
+
+def task_names(trials: pd.DataFrame) -> dict[str, str]:
+    """task key -> the task's name as the trials table spells it (the dataset's own label)."""
+    return dict(zip(trials["task_key"], trials["task"])) if not trials.empty else {}
 
 
 def model_group(name: str) -> str:
@@ -34,7 +39,7 @@ def summary_by_resolution(trials: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     g = t.groupby(["task_mode", "task_key", "resolution"], sort=False)["best_auroc"]
     out = g.agg(runs="count", mean="mean", std="std", min="min", max="max").reset_index()
-    out.insert(1, "task", out["task_key"].map(task_name))
+    out.insert(1, "task", out["task_key"].map(task_names(t)))
     out = out.sort_values(["task_mode", "task_key", "resolution"], key=sort_key)
     return out[cols].reset_index(drop=True)
 
@@ -47,7 +52,7 @@ def summary_by_model(trials: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     g = t.groupby(["task_mode", "task_key", "resolution", "model"], sort=False)["best_auroc"]
     out = g.agg(runs="count", mean="mean", std="std", max="max").reset_index()
-    out["task"] = out["task_key"].map(task_name)
+    out["task"] = out["task_key"].map(task_names(t))
     out["group"] = out["model"].map(model_group)
     out = out.sort_values(["task_mode", "task_key", "resolution", "model"], key=sort_key)
     return out[cols].reset_index(drop=True)
@@ -66,7 +71,7 @@ def best_configurations(trials: pd.DataFrame) -> pd.DataFrame:
         runs = t[(t["task_mode"] == mode) & (t["task_key"] == key) & (t["model"] == best["model"])
                  & (t["resolution"] == best["resolution"])]
         top = runs.loc[runs["best_auroc"].idxmax()]
-        rows.append({"task_mode": mode, "task": task_name(key), "model": best["model"],
+        rows.append({"task_mode": mode, "task": best["task"], "model": best["model"],
                      "resolution": int(best["resolution"]), "runs": int(best["runs"]),
                      "mean": best["mean"], "std": best["std"], "max": best["max"],
                      "best_run_trial_id": top["trial_id"], "best_run_ci_low": top["ci_low"],

@@ -13,6 +13,7 @@ from analysis import comparisons
 from analysis.configuration import configuration_key
 from analysis.records import load_sweep
 from common.schema import TASKS
+from common.sweep_folder import SweepFolder
 from trainer.config import TrainConfig
 
 try:  # tests/ as a plain folder (pytest's default rootdir import) or as a package
@@ -76,7 +77,6 @@ def test_the_first_run_alone_is_compared_within_itself(two_runs, tmp_path):
     sweep.base_config = base
     sweep.trial_ids = [t.trial_id for t in first.trials]
     sweep.trials = {t.trial_id: t.params.as_dict() for t in first.trials}
-    from common.sweep_folder import SweepFolder
     SweepFolder(location).write_sweep_file(sweep)
     data = load_sweep(location)
     assert set(data.trials["trial_id"]) == {t.trial_id for t in first.trials}
@@ -113,3 +113,16 @@ def test_configuration_key_ignores_grid_axes_and_fields_that_do_not_change_resul
     as_float = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
                 for k, v in cfg.items()}
     assert configuration_key(as_float, "m" * 64) == key
+
+
+def test_without_sweep_json_the_configuration_of_most_trials_is_the_main_one(two_runs, tmp_path):
+    first, second = two_runs
+    location = str(tmp_path / "copy")
+    shutil.copytree(second.location, location)
+    os.remove(SweepFolder(location).sweep_file)
+    data = load_sweep(location)
+    assert set(data.trials["trial_id"]) == {t.trial_id for t in first.trials}   # 2 trials vs 1
+    assert set(data.other_trials["trial_id"]) == {second.trials[0].trial_id}
+    assert any("configuration of most trials" in p.what for p in data.problems)
+    assert any(p.what.endswith("is missing") and p.where == SweepFolder(location).sweep_file
+               for p in data.problems)
