@@ -130,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
+    if args.gradcam_images:   # a wrong path fails now, not after the tables are written
+        from analysis.report_gradcam import read_images
+        read_images(args.gradcam_images)
     summary = aggregate_sweep(args.sweep, args.results_dir, bootstrap=args.bootstrap,
                               seed=args.seed, figures=not args.no_figures,
                               report=not args.no_report, progress=not args.quiet,

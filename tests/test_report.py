@@ -347,14 +347,15 @@ def test_partial_real_data_report(tmp_path):
 def test_default_gradcam_images_are_the_first_frontal_validation_images(tmp_path):
     """Without --images the Grad-CAM rows are the store's first frontal validation images
     (image-id order), at its largest resolution, pixel for pixel."""
-    import subprocess
-    import sys
-
     from analysis.report_gradcam import store_images
+    from preprocessing.__main__ import build_parser
     from preprocessing.store import open_store
-    run = lambda *a: subprocess.run([sys.executable, "-m", "preprocessing", *a], check=True,  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
-    run("phantom", "--out", str(tmp_path / "ph"), "--studies", "16", "--min-size", "300",
+
+    def run(*argv):   # the real entry points, in this process (no interpreter start-up)
+        args = build_parser().parse_args(list(argv))
+        assert args._run(args) == 0
+
+    run("phantom", "--out", str(tmp_path / "ph"), "--studies", "12", "--min-size", "300",
         "--max-size", "340", "--seed", "3")
     run("build", "--image-root", str(tmp_path / "ph"), "--csv", str(tmp_path / "ph" / "train.csv"),
         "--csv", str(tmp_path / "ph" / "valid.csv"), "--out", str(tmp_path / "store"),
