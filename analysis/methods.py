@@ -176,12 +176,15 @@ def methods_paragraphs(data, sweep: dict[str, Any], conf: pd.DataFrame, cfg: dic
     """The methods section as plain-text paragraphs (inline `code` marks only): ``data`` the
     loaded sweep, ``sweep`` its sweep.json as a dict, ``conf`` effects.configurations, ``cfg`` a
     finished trial's resolved config."""
-    modes = sorted(conf["task_mode"].unique()) if not conf.empty else \
-        [cfg.get("task_mode", "multi")]
-    tasks = list(dict.fromkeys(conf["task"])) if not conf.empty else list(cfg.get("tasks") or [])
+    if not conf.empty:
+        modes, tasks = sorted(conf["task_mode"].unique()), list(dict.fromkeys(conf["task"]))
+    else:   # nothing finished yet: what the grid will train
+        modes = sorted({g.get("task_mode") for g in data.grid if g.get("task_mode")})
+        tasks = list((data.manifest or {}).get("tasks") or [])
     grid = _grid_sentence(conf, len(data.grid)) if not conf.empty else ""
     return [_dataset_sentence(data.manifest),
-            " ".join(x for x in (_task_mode_sentence(modes, tasks), grid, _recipe_sentence(cfg)) if x),
+            " ".join(x for x in (_task_mode_sentence(modes, tasks) if modes else "", grid,
+                                 _recipe_sentence(cfg)) if x),
             _evaluation_sentence(data.trials, int(getattr(data, "bootstrap", 0) or 0)),
             _software_sentence(sweep)]
 
