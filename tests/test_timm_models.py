@@ -5,6 +5,8 @@ ResNet, an EfficientNet and a ViT (tokens reshaped onto the patch grid). Weight 
 the tests themselves from randomly initialised timm networks."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -209,3 +211,26 @@ def test_download_writes_a_verified_timm_file(tmp_path):
     with pytest.raises(weights.WeightsError, match="does not fit"):
         weights.download(["timm:convnext_atto"], out, fetch=fake_fetch, log=lambda _: None)
     assert not (tmp_path / "cache" / "timm-convnext_atto-imagenet.pth").exists()
+
+
+def test_a_timm_trial_trains_from_the_offline_cache(tiny_phantom_store, tmp_path):
+    # the whole path a sweep takes: TrainConfig -> run_trial -> create_model from the weights cache
+    # (a file this test writes, standing in for `download`), checkpoints with timm's key names
+    from trainer.config import TrainConfig
+    from trainer.train import run_trial
+
+    cache = tmp_path / "weights"
+    cache.mkdir()
+    torch.save(random_timm_state("resnet10t"), cache / "timm-resnet10t-imagenet.pth")
+    cfg = TrainConfig(store=tiny_phantom_store, model="timm:resnet10t", resolution=32,
+                      weights="imagenet", weights_dir=str(cache), epochs_frozen=1,
+                      epochs_unfrozen=1, batch_studies=8, max_train_studies=16,
+                      max_valid_studies=16, workers=0)
+    result = run_trial(cfg, str(tmp_path / "trial"))
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+    assert all(0.0 <= r["auroc_mean"] <= 1.0 for r in result["history"])
+    latest = torch.load(tmp_path / "trial" / "checkpoints" / "latest.pt", weights_only=True)
+    assert "body.layer1.0.conv1.weight" in latest["model"]
+    with pytest.raises(MissingWeightsError, match="download --models timm:resnet10t"):
+        run_trial(dataclasses.replace(cfg, weights_dir=str(tmp_path / "empty")),
+                  str(tmp_path / "trial2"))
