@@ -28,9 +28,10 @@ VALID_COST = 1.0 / 3.0
 
 
 def committed_measurements() -> list[str]:
-    """The gpu_check JSONs committed to this checkout's bench/results (none in an installed copy)."""
+    """The gpu_check JSONs committed to this checkout's bench/results, its per-group folders
+    (``groups-<gpu>/``) included (none in an installed copy)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return sorted(glob.glob(os.path.join(root, "bench", "results", "*.json")))
+    return sorted(glob.glob(os.path.join(root, "bench", "results", "**", "*.json"), recursive=True))
 
 
 @dataclass
