@@ -453,8 +453,9 @@ def load_sweep(location: str, bootstrap: int = 0, seed: int = 0, progress: bool 
         if not r.configuration and r.in_current_grid and r.config is None:
             r.configuration = main
     configurations = _configurations(sweep, records, main)
-    # Earlier runs' trials that never started have no config to compare: they are not results.
-    records = [r for r in records if r.configuration or r.in_current_grid or r.state != "missing"]
+    # An earlier run's trial that never started has no config to compare and no result: it is
+    # not part of this sweep's answer (a current-grid one is: it is missing or pending).
+    records = [r for r in records if r.configuration or r.in_current_grid or r.result is not None]
 
     names = {task_key(str(t)): str(t) for t in (manifest or {}).get("tasks") or []}
     predictions: dict[tuple[str, str], pd.DataFrame] = {}

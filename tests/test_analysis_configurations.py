@@ -126,3 +126,16 @@ def test_without_sweep_json_the_configuration_of_most_trials_is_the_main_one(two
     assert any("configuration of most trials" in p.what for p in data.problems)
     assert any(p.what.endswith("is missing") and p.where == SweepFolder(location).sweep_file
                for p in data.problems)
+
+
+def test_an_earlier_trial_that_never_started_is_not_listed(tmp_path):
+    first = fabricate_sweep(tmp_path, resolutions=(64,), models=("resnet18",), seeds=(0, 1),
+                            epochs=1, finished=lambda t: t.params.seed == 0)
+    second = fabricate_sweep(tmp_path, resolutions=(64,), models=("resnet18",), seeds=(0,),
+                             epochs=1, config={"lr_head": 0.02})
+    data = load_sweep(second.location)
+    never_started = first.trials[1].trial_id
+    assert never_started not in {r.trial_id for r in data.records}
+    assert not any(never_started in p.where or never_started in p.what for p in data.problems)
+    assert set(data.other_trials["trial_id"]) == {first.trials[0].trial_id}
+    assert list(data.trials["trial_id"].unique()) == [second.trials[0].trial_id]
