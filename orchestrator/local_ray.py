@@ -60,7 +60,7 @@ RUN_DIR_PREFIX = "cxr-ray-"
 DRIVER_PID_FILE = "driver.pid"
 TOKEN_FILE = "auth_token"
 #: Seconds the watchdog gives processes to exit after SIGTERM before SIGKILL.
-TERM_GRACE_S = 3.0
+TERM_GRACE_S = 2.0
 
 
 @dataclass
@@ -194,10 +194,15 @@ def stop_processes(pids: Sequence[int], grace: float = TERM_GRACE_S) -> None:
 
 
 def clean_up_after(run_dir: str) -> None:
-    """What the watchdog does when the driver died: end the instance's processes (twice: a
-    dying raylet may start a worker meanwhile), then remove the token and the run directory."""
-    for _ in range(2):
-        stop_processes(processes_of(run_dir))
+    """What the watchdog does when the driver died: end the instance's processes (again while
+    any are left: a dying raylet may start a worker meanwhile), then remove the token and the
+    run directory."""
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        pids = processes_of(run_dir)
+        if not pids:
+            break
+        stop_processes(pids)
     with contextlib.suppress(OSError):
         os.remove(os.path.join(run_dir, TOKEN_FILE))
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -138,14 +138,16 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
             entries = ledger.read_all(sweep_loc) if os.path.isdir(sweep_loc) else {}
             states = [e["state"] for e in entries.values()]
             midway = [t for t, e in entries.items() if e["state"] == "running"
-                      and epochs_on_storage(ledger.trial_dir(sweep_loc, t)) >= 1]
+                      and epochs_on_storage(ledger.trial_dir(sweep_loc, t)) == 1]   # 2 epochs to go
             if "finished" in states and midway:
                 break
             assert proc.poll() is None, ("the driver ended before it could be killed: "
                                          + (tmp_path / "driver.log").read_text()[-3000:])
             time.sleep(0.2)
         else:
-            pytest.fail("no trial finished within 240 s")
+            pytest.fail(f"no trial finished while another was midway within 240 s: "
+                        f"{ {t: (e['state'], epochs_on_storage(ledger.trial_dir(sweep_loc, t))) for t, e in entries.items()} }"
+                        + (tmp_path / "driver.log").read_text()[-3000:])
         (killed_run_dir,) = [os.path.join(run_base, d) for d in os.listdir(run_base)
                              if d.startswith("cxr-ray-")]
         assert processes_of(killed_run_dir)              # the instance's processes carry the marker
@@ -157,12 +159,13 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
         while (pids_using(run_base) or os.path.exists(killed_run_dir)) and time.monotonic() - killed < 30:
             time.sleep(0.2)
         gone_after = time.monotonic() - killed
-        left = pids_using(run_base)
+        left = {pid: open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")[:200]
+                for pid in pids_using(run_base) if os.path.exists(f"/proc/{pid}")}
     finally:
         if proc.poll() is None:
             proc.kill()
         end_leftovers(run_base)
-    assert left == [] and not os.path.exists(killed_run_dir), (left, gone_after)
+    assert left == {} and not os.path.exists(killed_run_dir), (left, gone_after)
     assert gone_after < 12, gone_after
 
     before = ledger.read_all(sweep_loc)
