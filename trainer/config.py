@@ -119,7 +119,7 @@ class TrainConfig:
     onecycle_final_div: float = _f(1e5, "final LR = max LR / final_div")
     weight_decay: float = _f(0.1, "decoupled (AdamW, fastai's true_wd) weight decay")
     wd_bn_bias: Optional[bool] = _recipe("wd_bn_bias",
-        "weight decay also on BatchNorm parameters and biases (fastai: false)")
+        "weight decay also on normalisation-layer parameters and biases (fastai's wd_bn_bias)")
     adam_eps: Optional[float] = _recipe("adam_eps", "Adam's epsilon")
     beta1_cycle: Optional[tuple[float, float, float]] = _recipe("beta1_cycle",
         "Adam beta1 at the start, peak-LR point and end of each stage (fastai's moms), cosine "

@@ -390,10 +390,17 @@ result if the trial finished. A folder of a different configuration is refused.
 """
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Bad flags are one line (run_cli prints UserError), not the usage of ~70 flags."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from common.config_args import add_config_arguments
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=HELP,
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineErrors(prog="python -m trainer.train", description=HELP, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="trial folder (local or s3://); rerun on it to resume")
     parser.add_argument("--config", metavar="FILE",
