@@ -109,6 +109,16 @@ class SweepProgress(TrialProgressCallback):
         self._changed = True
         self.started = time.time()
 
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks with the experiment state; a terminal stream does not pickle."""
+        state = dict(self.__dict__)
+        state["out"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.out = self.out or sys.stdout
+
     # --- numbers ----------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         out = {"finished": 0, "running": 0, "pending": 0, "failed": 0}

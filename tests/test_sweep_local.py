@@ -194,6 +194,7 @@ def _wandb_history(wandb_dir) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_trackers_record_per_epoch_auroc_per_task(ray_shared, store, tmp_path, monkeypatch):
     """--log tensorboard,mlflow,wandb: Tune's own callbacks; every tracker holds each epoch's
     AUROC of every task. MLflow writes a local SQLite store, W&B runs offline."""
@@ -226,3 +227,31 @@ def test_trackers_record_per_epoch_auroc_per_task(ray_shared, store, tmp_path, m
     quiet, _ = sweep(store, tmp_path, "quiet", resolutions=(32,), log=())
     assert not glob.glob(os.path.join(quiet.sweep_loc, "tune", "**", "events.out.tfevents.*"),
                          recursive=True)
+
+
+@pytest.mark.slow
+def test_the_cards_command_as_typed_with_a_settings_file(ray_shared, store, tmp_path, monkeypatch,
+                                                          capsys):
+    """``python -m orchestrator.sweep --resolutions 32`` in a folder below a cxr-sweep.toml: the
+    real trainer runs, sweep.json records the command and the code, the report lands in
+    STORAGE/NAME/results."""
+    from orchestrator import sweep as sweep_mod
+    for key in [k for k in os.environ if k.startswith("CXR_SWEEP_")]:
+        monkeypatch.delenv(key)
+    (tmp_path / "cxr-sweep.toml").write_text(
+        f'store = "{store}"\nstorage = "{tmp_path / "sweeps"}"\nname = "card"\n'
+        'models = ["smallcnn"]\nseeds = "0"\nweights = "none"\nepochs-frozen = 0\n'
+        'epochs-unfrozen = 1\nworkers = 0\nlog = "none"\nprogress = "lines"\n')
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    code = sweep_mod.main(["--resolutions", "32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    loc = str(tmp_path / "sweeps" / "card")
+    doc = storage.read_json(os.path.join(loc, "sweep.json"))
+    assert doc["command"] == "python -m orchestrator.sweep --resolutions 32"
+    assert doc["argv"] == ["--resolutions", "32"] and doc["grid"]["models"] == ["smallcnn"]
+    assert len(doc["git_commit"]) == 40
+    assert set(doc["versions"]) == {"python", "torch", "ray", "cxr-sweep"} and all(doc["versions"].values())
+    assert os.path.exists(os.path.join(loc, "results", "summary.json")), out
+    assert "epoch 1/1 AUROC" in out
