@@ -223,17 +223,20 @@ def _trial_order(sweep: SweepFile | None, folder: SweepFolder, ledger_ids: list[
 
     The current grid first, then trials an earlier run of the same sweep registered. Folders and
     ledger entries sweep.json does not know are listed as problems and left out."""
-    if sweep is None or not (sweep.trials or sweep.trial_ids):
+    trials = sweep.trials if sweep is not None and isinstance(sweep.trials, dict) else {}
+    trial_ids = sweep.trial_ids if sweep is not None and isinstance(sweep.trial_ids, list) else []
+    if not (trials or trial_ids):
         if sweep is not None:
             problems.append(Problem(storage.display(folder.sweep_file),
                                     f"{SWEEP_FILE} lists no trials: missing trials cannot be named"))
         ids = sorted(set(ledger_ids) | set(trial_dirs))
         return ids, {}, set(ids)
-    points = {t: p for t, p in (sweep.all_trials or {}).items() if isinstance(p, dict)}
-    points.update({t: p for t, p in (sweep.trials or {}).items() if isinstance(p, dict)})
-    current = [t for t in sweep.trial_ids if isinstance(t, str)]
-    current += [t for t in sweep.trials if t not in set(current)]
-    earlier = [t for t in sweep.all_trials if t not in set(current)]
+    all_trials = sweep.all_trials if isinstance(sweep.all_trials, dict) else {}
+    points = {t: p for t, p in all_trials.items() if isinstance(p, dict)}
+    points.update({t: p for t, p in trials.items() if isinstance(p, dict)})
+    current = [t for t in trial_ids if isinstance(t, str)]
+    current += [t for t in trials if t not in set(current)]
+    earlier = [t for t in all_trials if t not in set(current)]
     order = current + earlier
     for tid in sorted((set(ledger_ids) | set(trial_dirs)) - set(order)):
         problems.append(Problem(storage.display(folder.trial(tid).location),
@@ -296,7 +299,7 @@ def _read_record(folder: SweepFolder, tid: str, point: dict | None, in_current: 
 def _choose_main(sweep: SweepFile | None, records: list[TrialRecord],
                  problems: list[Problem], where: str) -> str:
     """The current sweep.json's configuration; without one, the configuration of most trials."""
-    if sweep is not None and sweep.base_config:
+    if sweep is not None and sweep.base_config and isinstance(sweep.base_config, dict):
         return configuration_key(sweep.base_config, sweep.manifest_hash)
     counted = Counter(r.configuration for r in records if r.configuration)
     if not counted:
@@ -311,7 +314,7 @@ def _choose_main(sweep: SweepFile | None, records: list[TrialRecord],
 def _configurations(sweep: SweepFile | None, records: list[TrialRecord], main: str
                     ) -> dict[str, Configuration]:
     out: dict[str, Configuration] = {}
-    if sweep is not None and sweep.base_config:
+    if sweep is not None and sweep.base_config and isinstance(sweep.base_config, dict):
         out[main] = Configuration(main, configuration_fields(sweep.base_config, sweep.manifest_hash),
                                   True)
     for r in records:

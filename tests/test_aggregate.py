@@ -26,6 +26,7 @@ from orchestrator import ledger
 from orchestrator.grid import build_grid
 from orchestrator.sweep import plan_trials, write_sweep_file
 from common import storage
+from common.sweep_folder import SweepFolder
 from common.schema import TASKS, task_key
 from trainer.config import TrainConfig
 from trainer.train import predictions_table
@@ -396,3 +397,14 @@ def test_earlier_invocations_count_unless_superseded(tmp_path):
     assert sum("another configuration" in p.what and "lr_head" in p.what
                for p in data.problems) == 2
     assert len(data.other_trials) == 2 * len(TASKS)
+
+
+def test_a_sweep_json_of_the_wrong_shape_still_aggregates_what_is_there(tmp_path):
+    fake = fabricate_sweep(tmp_path, resolutions=(160,), models=("resnet50",), seeds=(0,))
+    folder = SweepFolder(fake.location)
+    doc = storage.read_json(folder.sweep_file)
+    doc.update(trials=["not", "a", "mapping"], trial_ids="nor a list", base_config=[1, 2])
+    storage.write_json(folder.sweep_file, doc)
+    data = load_sweep(fake.location)
+    assert len(data.trials) == len(TASKS)
+    assert any("lists no trials" in p.what for p in data.problems)
