@@ -15,6 +15,13 @@ setup() {
   echo "==> installing cxr-sweep and its dependencies into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e ".[test]"
+  # fastai, for the tests that check the training recipe against fastai itself. --no-deps: its
+  # declared dependencies include spacy and would move torch; the tests import only the parts that
+  # need these packages (and skip without them).
+  echo "==> installing fastai (tests only) without its declared dependencies"
+  "$VENV/bin/python" -m pip install -q --no-deps fastai fastcore fastprogress fasttransform \
+      plum-dispatch fastdownload
+  "$VENV/bin/python" -m pip install -q beartype rich cloudpickle python-fasthtml
 }
 
 install_browser() {

@@ -1,8 +1,7 @@
 """The optimizer and schedule of the fastai recipe, checked against fastai itself.
 
-fastai is a test-only dependency (run.sh installs it with --no-deps); without it these tests skip.
-fastai.vision.learner holds cnn_learner's model splits and needs fastdownload (installed the same
-way); only the tests that use the splits skip without it.
+fastai is a test-only dependency (run.sh installs it with --no-deps, with fastdownload, which
+fastai's schedule and learner modules import); without it these tests skip.
 """
 from __future__ import annotations
 
@@ -14,7 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-pytest.importorskip("fastai")
+# Each fastai module this file needs, so that a partial install skips instead of erroring.
+for _module in ("fastai.optimizer", "fastai.callback.schedule", "fastai.learner", "fastai.data.core"):
+    pytest.importorskip(_module)
 from fastai.callback.core import Callback  # noqa: E402
 from fastai.callback.schedule import combined_cos as fa_combined_cos  # noqa: E402,F401  (fit_one_cycle)
 from fastai.data.core import DataLoaders  # noqa: E402
