@@ -334,3 +334,21 @@ def test_module_runs_as_a_command():
                            "--dir", "/nonexistent-cxr-weights"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "missing" in proc.stdout
+
+
+def test_models_never_import_the_download_cli():
+    # the cache reader lives with the models; only `python -m trainer.weights` downloads, and
+    # importing the models must not pull it (or timm) in: no models <-> weights cycle
+    code = ("import sys, trainer.models; "
+            "print(sorted(m for m in ('trainer.weights', 'timm') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_cli_models_know_timm_and_refuse_models_without_weights():
+    assert weights.parse_models("timm:ConvNeXt_Atto") == ["timm:convnext_atto"]
+    with pytest.raises(UserError, match="smallcnn has no ImageNet weights"):
+        weights.parse_models("smallcnn")
+    assert "timm:convnext_tiny" in weights._build_parser().format_help()
