@@ -297,6 +297,8 @@ def test_every_registered_model_has_its_metadata():
                 net = models.registry.builder(name)(64)
             assert any(k.startswith(info.classifier_prefix) for k in net.state_dict())
     assert model_info("efficientnet").compound_scaled
+    assert [model_info(n).variant for n in ("resnet152", "densenet121", "efficientnet-b3",
+                                            "smallcnn")] == ["152", "121", "b3", ""]
     assert model_info("efficientnet", 480).name == "efficientnet-b5"
     assert {model_info(n).family for n in ("resnet18", "densenet161", "efficientnet-b7",
                                           "smallcnn")} == {"resnet", "densenet", "efficientnet",

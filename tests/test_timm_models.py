@@ -175,6 +175,7 @@ def test_names_keep_timms_spelling():
 def test_model_info_and_cost():
     info = model_info("timm:convnext_atto")
     assert info.family == "timm:convnext" and info.source.startswith("timm ")
+    assert info.variant == "convnext_atto"
     assert info.weights_file == "timm-convnext_atto-imagenet.pth"
     assert info.weights_url and "convnext_atto" in info.weights_url
     larger = model_info("timm:convnext_femto")

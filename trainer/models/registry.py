@@ -54,6 +54,7 @@ class ModelInfo:
     name: str
     family: str                          # 'resnet', 'densenet', 'efficientnet', 'timm:convnext', ...
     size_order: float = 0.0
+    variant: str = ""                    # the name within the family: '152', 'b3', 'convnext_atto'
     source: str = ""                     # the package that defines the architecture
     weights_url: str | None = None       # where `trainer.weights download` fetches ImageNet weights
     weights_file: str | None = None      # its file name in the weights cache (None: no weights)
@@ -95,8 +96,10 @@ def register_model(name: str, *, family: str | None = None, size_order: float = 
         if key in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[key] = fn
+        fam = family or key
+        variant = key[len(fam):].lstrip("-_") if key.startswith(fam) else key
         _INFO[key] = ModelInfo(
-            name=key, family=family or key, size_order=float(size_order), source=source,
+            name=key, family=fam, size_order=float(size_order), variant=variant, source=source,
             weights_url=weights_url,
             weights_file=weights_file_name(key) if weights_url else None,
             classifier_prefix=classifier_prefix, compound_scaled=compound_scaled,
@@ -121,6 +124,8 @@ def model_info(name: str, resolution: int | None = None) -> ModelInfo:
 
     >>> model_info("resnet152").family, model_info("resnet152").size_order
     ('resnet', 3.0)
+    >>> model_info("efficientnet-b3").variant
+    'b3'
     >>> model_info("efficientnet", 320).name
     'efficientnet-b3'
     """

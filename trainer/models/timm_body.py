@@ -187,6 +187,7 @@ def timm_info(model: str) -> ModelInfo:
     source = (cfg.hf_hub_id or cfg.url or None) if cfg is not None else None
     classifier = cfg.classifier if cfg is not None and isinstance(cfg.classifier, str) else ""
     return ModelInfo(name=model, family=TIMM_PREFIX + module, size_order=float(params),
+                     variant=name,
                      source=f"timm {timm.__version__}",
                      weights_url=f"timm pretrained: {source}" if source else None,
                      weights_file=weights_file_name(model) if source else None,
