@@ -47,3 +47,59 @@ def test_sweep_on_s3(tmp_path, s3_endpoint):
         mp.undo()
         refresh_ray_auth()
         shutil.rmtree(base, ignore_errors=True)
+
+
+TRAINER_KILLED_AFTER_EPOCH = """
+import os, signal, sys
+sys.path[:0] = [{repo!r}]
+from trainer.config import TrainConfig
+from trainer.train import run_trial
+
+def hook(record):
+    if record["epoch"] == 1:   # latest.pt of epoch 1 is on S3 (it is written before on_epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+run_trial(TrainConfig.from_dict({config!r}), {trial!r}, on_epoch=hook)
+"""
+
+
+@pytest.mark.slow
+def test_real_trainer_on_s3_killed_and_resumed(tmp_path, s3_endpoint, tiny_phantom_store):
+    """The real trainer with its trial folder on s3:// (moto): checkpoints, predictions, records and
+    the result reach the bucket through the storage layer, and a trial whose process was killed
+    after epoch 1 continues from its S3 checkpoint to the result of an uninterrupted local run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from common.trial_folder import TrialFolder
+    from test_sweep_helpers import stable_result
+    from trainer.config import TrainConfig
+    from trainer.train import run_trial
+    endpoint, client = s3_endpoint
+    config = {"model": "smallcnn", "resolution": 32, "epochs_frozen": 1, "epochs_unfrozen": 1,
+              "weights": "none", "max_train_studies": 40, "max_valid_studies": 30,
+              "device": "cpu", "workers": 0, "store": tiny_phantom_store}
+    folder = TrialFolder(f"s3://sweeps/real/trials/t?endpoint_override={endpoint}&scheme=http")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = TRAINER_KILLED_AFTER_EPOCH.format(repo=repo, config=config, trial=folder.location)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600,
+                            env=dict(os.environ))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+
+    def keys():
+        listing = client.list_objects_v2(Bucket="sweeps", Prefix="real/trials/t/")
+        return {o["Key"][len("real/trials/t/"):] for o in listing.get("Contents", [])}
+    assert {"config.json", "epochs.jsonl", "checkpoints/latest.pt",
+            "predictions/epoch-001.parquet"} <= keys()
+    assert "result.json" not in keys() and not any(".tmp-" in k for k in keys())
+    assert [r["epoch"] for r in folder.read_epochs()] == [1]
+
+    result = run_trial(TrainConfig.from_dict(config), folder.location)   # the retry
+    assert {"result.json", "checkpoints/previous.pt", "predictions/epoch-002.parquet",
+            "log.txt"} <= keys()
+    assert "resumed after epoch 1" in storage.read_bytes(folder.log_path).decode()
+    reference = run_trial(TrainConfig.from_dict(config), str(tmp_path / "local"))
+    assert stable_result(result) == stable_result(reference)
+    assert stable_result(folder.read_result()) == stable_result(reference)
+    assert len(folder.read_predictions(2)) == len(TrialFolder(str(tmp_path / "local")).read_predictions(2))
