@@ -188,7 +188,10 @@ def _pyramid(gray: Image.Image, resolutions: list[int], reduce_factor: float) ->
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # one image per core, like the shard task running it
     try:
-        level = torch.from_numpy(np.array(gray, dtype=np.uint8))[None]
+        with warnings.catch_warnings():
+            # Pillow hands numpy a read-only buffer; torch only reads it (no second copy).
+            warnings.simplefilter("ignore", UserWarning)
+            level = torch.from_numpy(np.asarray(gray, dtype=np.uint8))[None]
         source, out = gray, {}
         for i, r in enumerate(resolutions):
             height, width = level.shape[-2:]
