@@ -156,6 +156,12 @@ def mark_running(sweep_loc: str, trial_id: str, *, run_id: str, node: str, gpu_i
                  cuda_visible_devices: str | None, node_id: str | None = None,
                  resumed_from_epoch: int = 0) -> dict:
     entry = _load(sweep_loc, trial_id)
+    history = entry.get("history") or []
+    if history and history[-1].get("state") == "running":
+        # the previous attempt never closed itself: its worker process died (killed, out of
+        # memory, node lost) and Tune is retrying it
+        history[-1].update(state="failed", ended=now(),
+                           error="the worker died mid-attempt (killed, out of memory, or node lost)")
     entry.update(state="running", attempts=int(entry.get("attempts", 0)) + 1, started=now(),
                  ended=None, node=node, node_id=node_id, gpu_ids=list(gpu_ids),
                  cuda_visible_devices=cuda_visible_devices, driver_run=run_id, error=None,

@@ -100,6 +100,16 @@ def test_attempts_of_a_dead_driver_are_marked_interrupted(tmp_path):
     assert ledger.plan(loc, ["old", "mine", "new"]).to_run == ["old", "mine", "new"]
 
 
+def test_an_attempt_whose_worker_died_is_closed_when_tune_retries_it(tmp_path):
+    loc = str(tmp_path / "sweep")
+    start(loc, "t", "run1")                                # the worker is SIGKILLed: no close
+    entry = ledger.mark_running(loc, "t", run_id="run1", node="n2", gpu_ids=[],
+                                cuda_visible_devices=None, resumed_from_epoch=1)
+    first, second = entry["history"]
+    assert first["state"] == "failed" and "worker died" in first["error"] and first["ended"]
+    assert second["state"] == "running" and entry["attempts"] == 2
+
+
 def test_close_run_marks_only_this_runs_running_entries(tmp_path):
     loc = str(tmp_path / "sweep")
     start(loc, "a", "run2")

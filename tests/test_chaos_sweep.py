@@ -1,0 +1,64 @@
+"""Chaos on a running sweep (shared local Ray, 2 CPUs): a trial's worker process SIGKILLed
+mid-trial is retried by Tune, continues from its checkpoint, and the ledger tells the story."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+
+import pytest
+
+from common import storage
+from orchestrator import ledger
+from test_sweep_helpers import (FakeTrial, local_ray, make_tiny_store, read_jsonl, run_small_sweep,
+                                stable_result)
+
+pytestmark = pytest.mark.slow
+
+FAST = {"epochs_frozen": 1, "epochs_unfrozen": 2, "weights": "none"}
+
+
+class KillWorkerOnce(FakeTrial):
+    """FakeTrial whose worker process SIGKILLs itself after epoch 1 (checkpointed), once."""
+
+    def __call__(self, cfg, trial_dir, on_epoch=None):
+        marker = os.path.join(self.marker_dir, "killed-once")
+
+        def hook(record):
+            if on_epoch is not None:
+                on_epoch(record)
+            if record["epoch"] == 1 and not os.path.exists(marker):
+                open(marker, "a").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(cfg, trial_dir, on_epoch=hook)
+
+
+@pytest.fixture(scope="module")
+def ray_shared():
+    with local_ray(by_value_modules=(__name__,)):
+        yield
+
+
+def test_worker_sigkill_is_retried_from_its_checkpoint(ray_shared, tmp_path):
+    from trainer.config import TrainConfig
+    store = make_tiny_store(tmp_path / "store", resolutions=(32,))
+    out = io.StringIO()
+    res = run_small_sweep(store, tmp_path / "sweeps", "chaos", resolutions=(32,), models=("resnet18",),
+                          seeds=(0,), config=FAST, trial_fn=KillWorkerOnce(marker_dir=str(tmp_path)),
+                          max_failures=1, cpus_per_trial=1, progress="lines", aggregate=False,
+                          reuse_actors=False, out=out)
+    assert res.exit_code == 0, out.getvalue()
+    (tid,) = res.trial_ids
+    entry = ledger.read_entry(res.sweep_loc, tid)
+    assert entry["state"] == "finished" and entry["attempts"] == 2
+    first, second = entry["history"]
+    assert first["state"] == "failed" and "worker died" in first["error"]
+    assert second["state"] == "finished" and second["resumed_from_epoch"] == 1
+    folder = ledger.trial_dir(res.sweep_loc, tid)
+    runs = read_jsonl(storage.join(folder, "executions.jsonl"))
+    assert [r["epoch"] for r in runs] == [1, 2, 3]           # epoch 1 was not trained twice
+    assert runs[0]["pid"] != runs[1]["pid"]                  # the retry ran in a new process
+    cfg = TrainConfig.from_dict({**FAST, "store": store, "model": "resnet18", "resolution": 32})
+    reference = FakeTrial()(cfg, str(tmp_path / "reference"))
+    assert stable_result(storage.read_json(storage.join(folder, "result.json"))) == \
+        stable_result(reference)
