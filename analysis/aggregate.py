@@ -20,7 +20,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from analysis import comparisons, tables, writer
+from analysis import comparisons, families, tables, writer
 from analysis.records import SweepData, load_sweep
 from common import storage
 from common.cli import HelpFormatter, UserError, run_cli
@@ -49,10 +49,10 @@ def compute_tables(data: SweepData) -> dict[str, pd.DataFrame]:
     res_tests = comparisons.resolution_tests(data)
     return {
         "summary_resolution": tables.summary_by_resolution(data.trials),
-        "summary_model": tables.summary_by_model(data.trials).drop(columns=["task_key", "group"]),
-        "model_scaling": comparisons.model_scaling(data.trials),
+        "summary_model": tables.summary_by_model(data.trials).drop(columns=["task_key"]),
+        "model_scaling": families.scaling_pairs(data.trials),
         "best_configurations": tables.best_configurations(data.trials),
-        "efficientnet": tables.efficientnet_table(data.trials),
+        "efficientnet": families.compound_scaling(data.trials),
         "tests_resolution": res_tests,
         "tests_resolution_summary": comparisons.resolution_test_summary(res_tests),
         "tests_best_configuration": comparisons.best_configuration_tests(data),

@@ -1,5 +1,6 @@
 """Comparisons between grid points of one configuration: paired DeLong tests between resolutions
-and between best configurations (Holm-corrected per family), and model-scaling deltas.
+and between best configurations (Holm-corrected per family). The model-scaling deltas of every
+pair of sizes of one family are analysis.families.scaling_pairs.
 
 Two runs are compared only when their configurations are identical (analysis.configuration):
 :func:`paired_delong` refuses anything else, so a table can never hold a test of one hyperparameter
@@ -16,7 +17,7 @@ import pandas as pd
 
 from analysis import delong
 from analysis.records import SweepData, task_order, usable
-from analysis.tables import SCALING_PAIRS, model_group, summary_by_model
+from analysis.tables import model_group, summary_by_model
 from common.schema import task_key
 
 ALPHA = 0.05
@@ -134,26 +135,3 @@ def resolution_test_summary(tests: pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(out, columns=cols)
     df["_k"] = df["task"].map(lambda name: task_order(task_key(name)))
     return df.sort_values(["task_mode", "_k", "lower", "higher"]).drop(columns="_k").reset_index(drop=True)
-
-
-def model_scaling(trials: pd.DataFrame) -> pd.DataFrame:
-    """delta(max) and delta(mean) of the larger minus the smaller variant per task and resolution,
-    with the best model (highest mean) at that task and resolution."""
-    cols = ["task_mode", "task", "resolution", "family", "larger", "smaller", "delta_max",
-            "delta_mean", "runs_larger", "runs_smaller", "best_model", "best_mean"]
-    by_model = summary_by_model(trials)
-    rows = []
-    for (mode, key, res), grp in by_model.groupby(["task_mode", "task_key", "resolution"], sort=False):
-        stats = grp.set_index("model")
-        best = grp.loc[grp["mean"].idxmax()]
-        for family, large, small in SCALING_PAIRS:
-            if large not in stats.index or small not in stats.index:
-                continue
-            rows.append({"task_mode": mode, "task": best["task"], "resolution": res,
-                         "family": family, "larger": large, "smaller": small,
-                         "delta_max": stats.at[large, "max"] - stats.at[small, "max"],
-                         "delta_mean": stats.at[large, "mean"] - stats.at[small, "mean"],
-                         "runs_larger": int(stats.at[large, "runs"]),
-                         "runs_smaller": int(stats.at[small, "runs"]),
-                         "best_model": best["model"], "best_mean": best["mean"]})
-    return pd.DataFrame(rows, columns=cols)

@@ -56,10 +56,12 @@ def task_name(key: str, names: dict[str, str] | None = None) -> str:
 
 
 def model_family(name: str) -> tuple[str, str]:
-    """'resnet152' -> ('resnet', '152'); 'efficientnet-b3' -> ('efficientnet', 'b3')."""
-    import re
-    m = re.match(r"^(resnet|densenet|efficientnet)[-_]?(.*)$", str(name))
-    return (m.group(1), m.group(2)) if m else (str(name), "")
+    """'resnet152' -> ('resnet', '152'); 'efficientnet-b3' -> ('efficientnet', 'b3'); the family
+    from analysis.families (the model registry's metadata, else the name)."""
+    from analysis.families import family
+    fam, name = family(name), str(name)
+    variant = name[len(fam):].lstrip("-_") if name.startswith(fam) and fam != name else ""
+    return fam, variant
 
 
 def resolve_model(name: str, resolution: int | None) -> str:

@@ -12,10 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.records import model_family, sort_key, usable
-
-#: Model-scaling pairs of the thesis: (family, larger, smaller).
-SCALING_PAIRS = (("resnet", "resnet152", "resnet50"), ("densenet", "densenet161", "densenet121"))
+from analysis.families import is_compound_scaled
+from analysis.records import sort_key, usable
 
 
 def task_names(trials: pd.DataFrame) -> dict[str, str]:
@@ -24,10 +22,9 @@ def task_names(trials: pd.DataFrame) -> dict[str, str]:
 
 
 def model_group(name: str) -> str:
-    """What 'the same model' means across resolutions: EfficientNet is one compound-scaled family
-    (B0 at 160 ... B5 at 480), every other model is itself."""
-    family, _ = model_family(name)
-    return "efficientnet" if family == "efficientnet" else str(name)
+    """What 'the same model' means across resolutions: a compound-scaled family (EfficientNet, B0
+    at 160 ... B5 at 480) is one model, every other model is itself."""
+    return "efficientnet" if is_compound_scaled(name) else str(name)
 
 
 # --- summaries ------------------------------------------------------------------------------------
@@ -46,14 +43,13 @@ def summary_by_resolution(trials: pd.DataFrame) -> pd.DataFrame:
 
 def summary_by_model(trials: pd.DataFrame) -> pd.DataFrame:
     """Per task, resolution and model: runs, mean, std, max (the configurations of the grid)."""
-    cols = ["task_mode", "task", "task_key", "resolution", "model", "group", "runs", "mean", "std", "max"]
+    cols = ["task_mode", "task", "task_key", "resolution", "model", "runs", "mean", "std", "max"]
     t = usable(trials)
     if t.empty:
         return pd.DataFrame(columns=cols)
     g = t.groupby(["task_mode", "task_key", "resolution", "model"], sort=False)["best_auroc"]
     out = g.agg(runs="count", mean="mean", std="std", max="max").reset_index()
     out["task"] = out["task_key"].map(task_names(t))
-    out["group"] = out["model"].map(model_group)
     out = out.sort_values(["task_mode", "task_key", "resolution", "model"], key=sort_key)
     return out[cols].reset_index(drop=True)
 
@@ -77,14 +73,6 @@ def best_configurations(trials: pd.DataFrame) -> pd.DataFrame:
                      "best_run_trial_id": top["trial_id"], "best_run_ci_low": top["ci_low"],
                      "best_run_ci_high": top["ci_high"]})
     return pd.DataFrame(rows, columns=cols)
-
-
-def efficientnet_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """EfficientNet (compound scaling: variant matched to resolution) per task and resolution."""
-    by_model = summary_by_model(trials)
-    e = by_model[by_model["group"] == "efficientnet"]
-    return e[["task_mode", "task", "resolution", "model", "runs", "mean", "std", "max"]] \
-        .reset_index(drop=True)
 
 
 def best_runs(trials: pd.DataFrame) -> pd.DataFrame:
