@@ -235,3 +235,27 @@ def test_a_timm_trial_trains_from_the_offline_cache(tiny_phantom_store, tmp_path
     with pytest.raises(MissingWeightsError, match="download --models timm:resnet10t"):
         run_trial(dataclasses.replace(cfg, weights_dir=str(tmp_path / "empty")),
                   str(tmp_path / "trial2"))
+
+
+def test_download_goes_through_timms_own_pretrained_loader(tmp_path, monkeypatch):
+    # the real fetch path with the network replaced by a local file: timm reads a published-format
+    # file (classifier included) as its pretrained weights and drops the classifier itself
+    torch.manual_seed(4)
+    published = timm.create_model("resnet10t", pretrained=False).state_dict()
+    assert "fc.weight" in published
+    torch.save(published, tmp_path / "published.pth")
+    real = timm.create_model
+
+    def offline_create_model(name, pretrained=False, **kwargs):
+        if pretrained:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(tmp_path / "published.pth")}
+        return real(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_create_model)
+    out = str(tmp_path / "cache")
+    assert weights.download(["timm:resnet10t"], out, log=lambda _: None) == ["timm:resnet10t"]
+    model = create_model("timm:resnet10t", 64, 1, weights_dir=out)
+    body = model.body.state_dict()
+    assert set(body) == {k for k in published if not k.startswith("fc.")}
+    for key, value in body.items():
+        assert torch.equal(value, published[key]), key
