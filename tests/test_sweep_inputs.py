@@ -210,6 +210,41 @@ def test_progress_view_counts_and_eta():
     assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
 
 
+def test_progress_lines_and_table_show_loss_auroc_speed_and_eta():
+    from orchestrator.progress import SweepProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    trials = {"t0": {"resolution": 160, "model": "resnet50", "total_epochs": 4},
+              "t1": {"resolution": 160, "model": "resnet50", "total_epochs": 4}}
+    record = {"epoch": 1, "epoch_seconds": 10.0, "auroc_mean": 0.7, "train_loss": 0.4321,
+              "images_per_s": 1234.0}
+    log = io.StringIO()
+    lines = SweepProgress(trials, slots=2, interval=3600, out=log)   # not a terminal: lines
+    assert lines.style == "lines"
+    lines.trial_started("t0")
+    lines.epoch_done("t0", record)
+    assert "t0 epoch 1/4 AUROC 0.7 loss 0.4321 1,234 img/s (10s; ETA 30s)" in log.getvalue()
+    assert "\x1b[" not in log.getvalue()                            # no cursor moves in a log
+    term = Terminal()
+    table = SweepProgress(trials, slots=2, interval=3600, out=term)
+    assert table.style == "table"
+    table.trial_started("t0")
+    table.trial_started("t1")
+    table.epoch_done("t0", record)
+    screen = term.getvalue()
+    last = screen.rsplit("\x1b[", 1)[1]     # what is on screen after the last redraw
+    assert "0/2 finished, 2 running, 0 pending, 0 failed | ETA" in last
+    row = next(line for line in last.splitlines() if line.startswith("t0"))
+    assert row.split() == ["t0", "1/4", "0.4321", "0.7000", "1,234", "30s"]
+    assert "start t1" in screen and "epoch 1/4" not in screen       # epochs update the table only
+    table.trial_finished("t0")
+    assert "finished t0 best AUROC 0.7000" in term.getvalue()
+    assert "1/2 finished, 1 running" in term.getvalue().rsplit("\x1b[", 1)[1]
+
+
 def test_estimate_table_matches_the_anchors():
     from orchestrator import estimate, throughput
     # the published anchor: ResNet50 2,470 img/s at 224 px on an A100, x1.8 for an H100, ~1/pixels
