@@ -231,7 +231,7 @@ def test_cli(tiny_phantom_store, tmp_path):
     helped = run("--help")
     assert helped.returncode == 0 and "examples:" in helped.stdout and "--lr-body" in helped.stdout
     bad = run("--store", tiny_phantom_store, "--task-mode", "both", "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "task_mode" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--task-mode" in bad.stderr
     ok = run("--store", tiny_phantom_store, "--model", "resnet18", "--resolution", "32",
              "--weights", "none", "--epochs-frozen", "1", "--epochs", "0", "--batch-studies", "8",
              "--max-train-studies", "8", "--max-valid-studies", "16", "--workers", "0", "--quiet",
