@@ -121,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.probe_model, args.probe_resolution = ("resnet18", 32) if tiny else ("efficientnet-b0", 160)
     args.probe_processes = 2
     args.probe_startup_s = 20.0 if tiny else 40.0
+    # a child imports torch and builds its model first: ~55 s each on a loaded 2-core CI box
+    args.probe_timeout_s = 300.0 if tiny else args.probe_startup_s + 4 * args.seconds + 60
     args.config_reserve_s = 5.0 if tiny else 20.0     # a config needs this much budget to start
     args.compile_reserve_s = 60.0 if tiny else 150.0  # ... and a compiled one this much
     args.loader_reserve_s = 3.0 if tiny else 15.0

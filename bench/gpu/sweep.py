@@ -176,7 +176,7 @@ def section_packing_probe(args, device: torch.device, single_rate: float | None,
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               cwd=REPO) for _ in range(n)]
     children = []
-    deadline = time.monotonic() + max(30.0, min(args.probe_startup_s + 4 * args.seconds + 60, budget.left - 5))
+    deadline = time.monotonic() + max(30.0, min(args.probe_timeout_s, budget.left - 5))
     for p in procs:
         try:
             so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
