@@ -139,6 +139,9 @@ def test_weights_file_round_trip(tmp_path):
     model = create_model("timm:convnext_atto", 64, 3, weights=tmp_path / "latest.pt")
     for key, value in trained.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+    fresh = create_model("timm:convnext_atto", 64, 3, weights="none")
+    fresh.load_state_dict(trained.state_dict(), strict=True)  # how a resumed trial loads
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items())
     model = create_model("timm:convnext_atto", 64, 3, weights=tmp_path / "body.pt")
     for key, value in trained.body.state_dict().items():
         assert torch.equal(value, model.body.state_dict()[key]), key
