@@ -91,26 +91,12 @@ def counted_flops(model: str, resolution: int) -> float | None:
     (``trainer.models.model_flops``; None when the model cannot be built)."""
     key = (model, int(resolution))
     if key not in _counted:
-        try:
-            from trainer.models import model_flops
-        except ImportError:   # older trainer.models: count it here the same way, on CPU
-            model_flops = _count_flops
+        from trainer.models import model_flops
         try:
             _counted[key] = float(model_flops(model, int(resolution)))
         except Exception:
             _counted[key] = None
     return _counted[key]
-
-
-def _count_flops(model: str, resolution: int) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from trainer.models import create_model
-    net = create_model(model, resolution, outputs=5, weights="none").eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, 3, resolution, resolution))
-    return float(counter.get_total_flops())
 
 
 def forward_flops(model: str, resolution: int) -> tuple[float | None, str]:
