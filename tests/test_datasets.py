@@ -259,3 +259,29 @@ def test_real_nih_table_counts_match_an_independent_pandas_count(capsys):
     assert cli(stats, ["--dataset", "nih", "--csv", str(NIH_TABLE)]) == 0
     text = capsys.readouterr().out
     assert "Pleural_Thickening" in text and "Hernia" in text
+
+
+def test_one_trial_trains_on_each_layouts_own_task_names(phantom, tmp_path):
+    """A store of any layout trains: the trainer reads its tasks by the dataset's own names."""
+    torch = pytest.importorskip("torch")
+    from common.schema import task_key
+    from trainer.config import TrainConfig
+    from trainer.train import run_trial
+    layout, root, info = phantom
+    out = str(tmp_path / "store")
+    build.build_store(str(root), [str(root / t) for t in info["tables"]], out, resolutions=[32], use_ray=False,
+                      progress=False, dataset=layout, dataset_options=_options(layout, root))
+    tasks = ("Cardiomegaly", "Effusion") if layout == "nih" else ("Cardiomegaly", "Pleural Effusion")
+    assert set(tasks) <= set(open_store(out).tasks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(store=out, model="smallcnn", resolution=32, weights="none", tasks=tasks,
+                          epochs_frozen=1, epochs_unfrozen=1, batch_studies=8, augment=False, workers=0)
+        result = run_trial(cfg, str(tmp_path / "trial"))
+    finally:
+        torch.set_num_threads(threads)
+    assert result["tasks"] == [task_key(t) for t in tasks]
+    assert len(result["history"]) == 2
+    for key in result["tasks"]:
+        assert f"auroc_{key}" in result["history"][-1]
