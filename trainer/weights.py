@@ -23,10 +23,14 @@ from common.cli import EXIT_FAILURE, HelpFormatter, UserError, run_cli
 from trainer.models import (EFFICIENTNET_BY_RESOLUTION, PROTOCOL_MODELS, UnknownModelError,
                             is_timm, list_models, model_info, resolve_model_name)
 from trainer.models.registry import builder
-from trainer.models.weights_cache import (DOWNLOAD_COMMAND, ENV_DIR,  # noqa: F401  (re-exported)
+from trainer.models.weights_cache import (DOWNLOAD_COMMAND, ENV_DIR,
                                           MissingWeightsError, WeightsError, default_weights_dir,
                                           expected_sha256, load_strict, sha256_hex,
                                           sidecar_location, weights_file_name, weights_location)
+
+__all__ = ["download", "fetch_state_dict", "parse_models", "main", "DownloadError",
+           "MissingWeightsError", "WeightsError", "ENV_DIR", "DOWNLOAD_COMMAND",
+           "default_weights_dir", "weights_location", "classifier_prefix", "source_url"]
 
 
 class DownloadError(RuntimeError):

@@ -12,8 +12,7 @@ efficientnet-pytorch models and their bodies), ``timm_body`` (``timm:<name>``), 
 head, CXRNet, create_model), ``weights_cache`` (reading the ImageNet cache), ``cost`` (FLOPs).
 docs/models.md shows how to add a model.
 """
-from trainer.models import builtin as _builtin  # noqa: F401  (registers the models)
-from trainer.models.builtin import NO_IMAGENET_WEIGHTS, SmallCNN
+from trainer.models.builtin import NO_IMAGENET_WEIGHTS, SmallCNN  # importing it registers them
 from trainer.models.cost import COUNTED, ForwardCost, forward_cost, model_flops
 from trainer.models.network import (NORM_TYPES, POOL_ORDERS, CXRHead, CXRNet, create_model,
                                     feature_map_size)
