@@ -154,7 +154,7 @@ real_save = ckpt.save
 
 def save(location, obj):
     # epochs.jsonl already holds epoch {epoch}; die before latest.pt does
-    if location.endswith("latest.pt") and obj.get("epoch") == {epoch}:
+    if location.endswith(ckpt.LATEST) and obj.get("epoch") == {epoch}:
         os.kill(os.getpid(), signal.SIGKILL)
     real_save(location, obj)
 ckpt.save = save

@@ -60,5 +60,54 @@ def test_worker_sigkill_is_retried_from_its_checkpoint(ray_shared, tmp_path):
     assert runs[0]["pid"] != runs[1]["pid"]                  # the retry ran in a new process
     cfg = TrainConfig.from_dict({**FAST, "store": store, "model": "resnet18", "resolution": 32})
     reference = FakeTrial()(cfg, str(tmp_path / "reference"))
-    assert stable_result(storage.read_json(storage.join(folder, "result.json"))) == \
-        stable_result(reference)
+    from common.trial_folder import TrialFolder
+    assert stable_result(TrialFolder(folder).read_result()) == stable_result(reference)
+
+
+def test_ctrl_c_records_interrupted_and_gives_our_advice_only(tmp_path):
+    """SIGINT to a real driver (the command line, embedded Ray, the real trainer): exit 130, the
+    running trial recorded as interrupted, our re-run advice and no Tuner.restore advice."""
+    import subprocess
+    import sys
+    import time
+
+    from test_sweep_helpers import ray_env
+    mp = pytest.MonkeyPatch()
+    base = ray_env(mp)
+    try:
+        store = make_tiny_store(tmp_path / "store", resolutions=(32,))
+        storage_loc = tmp_path / "sweeps"
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cmd = [sys.executable, "-m", "orchestrator.sweep", "--store", store, "--storage",
+               str(storage_loc), "--name", "ctrlc", "--resolutions", "32", "--models", "smallcnn",
+               "--seeds", "0", "--weights", "none", "--epochs-frozen", "1", "--epochs-unfrozen", "500",
+               "--num-cpus", "1", "--progress", "lines", "--no-aggregate", "--log", "none"]
+        proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=dict(os.environ))
+        sweep_loc = str(storage_loc / "ctrlc")
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            entries = ledger.read_all(sweep_loc) if os.path.isdir(sweep_loc) else {}
+            if any(e["state"] == "running" for e in entries.values()):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            proc.kill()
+            pytest.fail("the trial never started")
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if "proc" in locals() and proc.poll() is None:
+            proc.kill()
+        mp.undo()
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+    assert proc.returncode == 130, output[-3000:]
+    assert "re-run the same command" in output and "Tuner.restore" not in output, output[-3000:]
+    (entry,) = ledger.read_all(sweep_loc).values()
+    assert entry["state"] == "interrupted", entry
+    assert "SystemExit: 0" not in (entry["error"] or "") and entry["history"][-1]["state"] == "interrupted"
+    from common.sweep_folder import SweepFolder
+    assert not os.path.exists(SweepFolder(sweep_loc).lock_file)   # released on the way out

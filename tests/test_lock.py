@@ -66,7 +66,7 @@ def test_second_driver_refuses_naming_the_holder(tmp_path):
 
 
 def test_killed_holder_on_this_host_frees_the_lock_at_once(tmp_path):
-    loc = str(tmp_path / "driver.lock")
+    loc = str(tmp_path / "lease.json")
     first = start_holder(loc, lease=300)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
@@ -89,7 +89,7 @@ def write_foreign_lease(loc: str, age: float, lease_s: float) -> None:
 
 
 def test_lease_of_a_crashed_remote_driver_lapses_after_expiry(tmp_path):
-    loc = str(tmp_path / "driver.lock")
+    loc = str(tmp_path / "lease.json")
     write_foreign_lease(loc, age=0.0, lease_s=2.0)
     with pytest.raises(LockHeld, match="other-host.example, pid 4242"):
         DriverLock(loc).acquire()
@@ -103,7 +103,7 @@ def test_lease_of_a_crashed_remote_driver_lapses_after_expiry(tmp_path):
 
 
 def test_heartbeat_keeps_a_live_lease_beyond_its_expiry(tmp_path):
-    loc = str(tmp_path / "driver.lock")
+    loc = str(tmp_path / "lease.json")
     first = start_holder(loc, lease=1.5, beat=0.3)
     try:
         time.sleep(3.0)                                # twice the lease: only heartbeats keep it
@@ -117,7 +117,7 @@ def test_heartbeat_keeps_a_live_lease_beyond_its_expiry(tmp_path):
 
 
 def test_take_over_and_the_old_holder_notices(tmp_path):
-    loc = str(tmp_path / "driver.lock")
+    loc = str(tmp_path / "lease.json")
     old = DriverLock(loc, heartbeat_s=0.2, interrupt_on_loss=False, log=lambda m: None).acquire()
     try:
         with pytest.raises(LockHeld):
@@ -134,7 +134,7 @@ def test_take_over_and_the_old_holder_notices(tmp_path):
 
 
 def test_damaged_lock_file_is_replaced(tmp_path):
-    loc = str(tmp_path / "driver.lock")
+    loc = str(tmp_path / "lease.json")
     with open(loc, "w") as f:
         f.write('{"token": "abc", "ho')
     messages = []
