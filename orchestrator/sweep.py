@@ -109,11 +109,12 @@ def versions() -> dict[str, str]:
 
 # --- checks (everything that can fail does so before any trial starts) ---------------------------
 def open_and_check_store(store_loc: str, resolutions: Sequence[int], verify: bool,
-                         needed_tasks: Sequence[str]):
-    """The store, checked for every requested resolution (and verified unless told not to)."""
+                         needed_tasks: Sequence[str], store=None):
+    """The store (``store``: already open), checked for every requested resolution and task (and
+    verified unless told not to)."""
     from preprocessing.manifest import verify_store
     from preprocessing.store import StoreError, open_store
-    store = open_store(store_loc, verify=False)
+    store = store if store is not None else open_store(store_loc, verify=False)
     missing = [r for r in resolutions if int(r) not in store.resolutions]
     if missing:
         raise StoreError(f"store {storage.display(store_loc)} lacks resolution(s) "
@@ -247,9 +248,18 @@ def run_sweep(sweep: SweepConfig, train=None, callbacks: Sequence[Any] = (), *,
         sweep.require_run_settings()
     store = None
     if sweep.store:
+        from preprocessing.store import open_store
+        from trainer.config import TrainConfig
+        store = open_store(sweep.store, verify=False)
+        if not sweep.tasks and tuple(base.tasks) == tuple(TrainConfig.tasks):
+            # no tasks asked for: the store's dataset decides (CheXpert's five for CheXpert)
+            base = TrainConfig.from_dict({"tasks": list(store.default_tasks)}, base=base)
+            task_axis = list(base.tasks)
+            points = build_grid(sweep.resolutions, sweep.models, sweep.seeds, sweep.task_mode,
+                                task_axis)
         needed = task_axis if sweep.task_mode == "single" else list(base.tasks)
-        store = open_and_check_store(sweep.store, sorted({t.params.resolution for t in trials}),
-                                     sweep.verify_store, needed)
+        open_and_check_store(sweep.store, sorted({t.params.resolution for t in trials}),
+                             sweep.verify_store, needed, store=store)
         trials = plan_trials(points, base, store.manifest_hash)
     ids = [t.trial_id for t in trials]
     folder = sweep.folder if sweep.storage and sweep.name else None

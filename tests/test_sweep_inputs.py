@@ -334,3 +334,19 @@ def test_gpu_memory_and_per_trial_estimate(monkeypatch):
     assert mixed.gpu_hours == pytest.approx(1.25 * one)
     with pytest.raises(ValueError):
         estimate.estimate([("resnet50", 160)], 2, 1000, 0, [0.5, 0.5])
+
+
+def test_tasks_default_to_the_stores_own(capsys, store, tmp_path):
+    """Without --tasks the store's dataset decides which tasks are trained (single mode: one trial
+    per task); --tasks picks others by the store's label names."""
+    other = str(tmp_path / "other")
+    shutil.copytree(store, other)
+    manifest = storage.read_json(os.path.join(other, "manifest.json"))
+    manifest["default_tasks"] = ["Edema", "Cardiomegaly"]
+    storage.write_json(os.path.join(other, "manifest.json"), manifest)
+    code, err, out = cli(capsys, *base_args(other, tmp_path, "--task-mode", "single", "--dry-run"))
+    assert code == 0, err
+    assert "2 trials" in out and "-single-edema-" in out and "-single-cardiomegaly-" in out
+    code, err, out = cli(capsys, *base_args(other, tmp_path, "--task-mode", "single", "--tasks",
+                                            "Atelectasis", "--dry-run"))
+    assert code == 0 and "1 trials" in out and "-single-atelectasis-" in out
