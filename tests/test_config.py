@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from trainer.config import RECIPE_FIELDS, RECIPES, ConfigError, TrainConfig, field_help
 
@@ -84,3 +85,15 @@ def test_tasks_missing_from_the_store_stop_the_trial_before_training(tiny_phanto
     with pytest.raises(ConfigError, match="'Pneumothorax' not in store"):
         run_trial(cfg, str(tmp_path / "t"))
     assert not (tmp_path / "t").exists()
+
+
+def test_the_recipe_reaches_the_model():
+    from trainer.train import create_trial_model
+    for recipe in ("fastai", "literal"):
+        cfg = TrainConfig(model="densenet121", resolution=32, weights="none", recipe=recipe)
+        model = create_trial_model(cfg, 2, "none")
+        head_bns = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        assert model.head.pool_order == cfg.pool_order
+        assert all(float(bn.bias.abs().max()) == pytest.approx(cfg.head_bn_bias) for bn in head_bns)
+        features = model.eval().body(torch.zeros(2, 3, 32, 32) - 3)   # dark input: negatives
+        assert bool((features < 0).any()) is (not cfg.densenet_final_relu)

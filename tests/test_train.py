@@ -279,3 +279,25 @@ def test_validation_logits_leave_the_head_in_fp32():
         want = model.head(features.float())
     assert logits.dtype == np.float32 and np.array_equal(logits, want.numpy())
     assert whole.dtype == torch.bfloat16 and not np.array_equal(logits, whole.float().numpy())
+
+
+def test_carried_optimizer_resumes_exactly_at_the_stage_boundary(finished, tmp_path):
+    """carry_optimizer keeps stage 1's Adam moments into stage 2 (it changes the result), and a
+    run killed at the stage boundary resumes into the same carried state."""
+    cfg, _, fresh = finished
+    carry = TrainConfig.from_dict({"carry_optimizer": True}, base=cfg)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_1(record):
+        if record["epoch"] == 1:
+            raise Killed
+
+    reference = run_trial(carry, str(tmp_path / "carry"))
+    with pytest.raises(Killed):
+        run_trial(carry, str(tmp_path / "resumed"), on_epoch=kill_after_epoch_1)
+    resumed = run_trial(carry, str(tmp_path / "resumed"))
+    assert _results(resumed["history"]) == _results(reference["history"])
+    assert _results(reference["history"])[0] == _results(fresh["history"])[0]   # same stage 1
+    assert _results(reference["history"])[1] != _results(fresh["history"])[1]   # moments matter
