@@ -25,7 +25,7 @@ from common.cli import UserError, run_cli
 from common.config_args import (ArgumentParser, add_config_arguments, apply_layers,
                                 config_from_args, env_values, find_config_file, read_toml)
 from common.sweep_folder import SweepFile, SweepFolder
-from orchestrator.grid import Trial, TrialParams, build_grid, plan_trials   # noqa: F401 (API)
+from orchestrator.grid import Trial, build_grid, plan_trials
 from orchestrator.sweep_config import CONFIG_FILE, ENV_PREFIX, GRID_FIELDS, SweepConfig
 
 EPILOG = """examples:
