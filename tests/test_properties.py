@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from common.cli import UserError, parse_int_list
 from common.schema import TASKS
 
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
