@@ -6,7 +6,6 @@ import argparse
 import csv
 import gzip
 import io
-import os
 from pathlib import Path
 
 import numpy as np
