@@ -136,7 +136,7 @@ def compute_parts(data, tables: dict[str, pd.DataFrame], *, figures: bool = True
     if gradcam and not data.trials.empty:
         sweep = _sweep_dict(data)
         store = sweep.get("store_location") or sweep.get("store") or None
-        parts.cam = gradcam_figure(data.location, store, gradcam_images, device=device)
+        parts.cam = gradcam_figure(data.location, store, gradcam_images, device=device, data=data)
     # The recipe a finished trial resolved; before any finished, what sweep.json asks for.
     cfg = _finished_config(data) or dict(_sweep_dict(data).get("base_config") or {})
     parts.methods = methods.methods_paragraphs(data, _sweep_dict(data), conf, cfg)

@@ -62,7 +62,7 @@ def read_images(paths: list[str]):
 
 def gradcam_figure(sweep_location: str, store_location: str | None,
                    image_paths: list[str] | None = None, device: str = "cpu",
-                   n_default: int = DEFAULT_IMAGES) -> CamFigure:
+                   n_default: int = DEFAULT_IMAGES, data=None) -> CamFigure:
     """Grad-CAM panels of the sweep's best checkpoint per task and resolution, or the reason why
     there are none (no checkpoints, no images); never raises for a missing record, only for an
     image the user named that cannot be read."""
@@ -76,7 +76,7 @@ def gradcam_figure(sweep_location: str, store_location: str | None,
         if not images:
             return CamFigure(None, note="the store's validation split holds no image")
         gradcam.unique_names(images)
-        runs = gradcam.best_checkpoints(sweep_location)
+        runs = gradcam.best_checkpoints(sweep_location, data=data)   # data: no second read
         panels = gradcam.compute_panels(runs, images, device=device)
     except Exception as exc:   # the report is still worth writing without its Grad-CAM figure
         first = str(exc).strip().splitlines()
