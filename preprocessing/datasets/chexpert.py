@@ -6,7 +6,7 @@ split is the ``train``/``valid`` folder of ``Path`` (else the CSV's stem), 1 / 0
 from __future__ import annotations
 
 from common.schema import OBSERVATIONS, TASKS
-from preprocessing.datasets import Dataset, DatasetOptions, register
+from preprocessing.datasets.base import Dataset, DatasetOptions, register
 from preprocessing.labels import LabelSet, read_labels
 
 

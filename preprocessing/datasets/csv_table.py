@@ -20,7 +20,7 @@ import pandas as pd
 
 from common.cli import UserError
 from common.schema import raw_column
-from preprocessing.datasets import Dataset, DatasetOptions, register
+from preprocessing.datasets.base import Dataset, DatasetOptions, register
 from preprocessing.datasets.splits import SPLIT_NAMES, patient_split
 from preprocessing.labels import (ESCAPE_REASONS, LabelError, LabelSet, Reject, finish_labels,
                                   parse_label_values, read_table, source_names)

@@ -17,7 +17,7 @@ import pandas as pd
 from common import storage
 from common.cli import UserError
 from common.schema import OBSERVATIONS, TASKS, raw_column
-from preprocessing.datasets import Dataset, DatasetOptions, register
+from preprocessing.datasets.base import Dataset, DatasetOptions, register
 from preprocessing.datasets.splits import SPLIT_NAMES
 from preprocessing.labels import LabelError, LabelSet, Reject, finish_labels, parse_label_values, read_table, source_names
 

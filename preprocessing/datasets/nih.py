@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 
 from common import storage
 from common.cli import UserError
-from preprocessing.datasets import Dataset, DatasetOptions, register
+from preprocessing.datasets.base import Dataset, DatasetOptions, register
 from preprocessing.datasets.splits import patient_split
 from preprocessing.labels import LabelError, LabelSet, Reject, finish_labels, read_source, read_table, source_names
 from common.schema import raw_column

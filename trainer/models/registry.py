@@ -6,25 +6,18 @@ registered next to its builder, so no other module parses model names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
 
 from common.cli import UserError
+from trainer.models.info import (MIN_RESOLUTION, TIMM_PREFIX, ModelInfo,  # noqa: F401  (re-exported)
+                                 UnknownModelError, check_resolution)
 
 __all__ = ["ModelInfo", "UnknownModelError", "register_model", "model_info", "list_models",
            "resolve_model_name", "check_resolution", "MIN_RESOLUTION",
            "EFFICIENTNET_BY_RESOLUTION", "PROTOCOL_MODELS", "TIMM_PREFIX"]
 
-
-class UnknownModelError(UserError):
-    """A model name that is not registered (or not a timm model after ``timm:``)."""
-
-
-#: Smallest input every registered body turns into a feature map of at least 1 x 1 (DenseNet's
-#: three 2x2 average-pool transitions are the limit).
-MIN_RESOLUTION = 32
 
 #: The thesis's EfficientNet variant per resolution (the thesis protocol, docs/trainer.md).
 EFFICIENTNET_BY_RESOLUTION = {160: "efficientnet-b0", 240: "efficientnet-b1", 320: "efficientnet-b3",
@@ -34,38 +27,7 @@ EFFICIENTNET_BY_RESOLUTION = {160: "efficientnet-b0", 240: "efficientnet-b1", 32
 PROTOCOL_MODELS = ("resnet50", "resnet152", "densenet121", "densenet161",
                    *EFFICIENTNET_BY_RESOLUTION.values())
 
-#: ``timm:<name>`` names any model of the installed timm (trainer/models/timm_body.py).
-TIMM_PREFIX = "timm:"
-
 _ALIASES = ("efficientnet",)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the project knows about a model besides its architecture.
-
-    ``size_order`` sorts the members of one family from smallest to largest (the model-scaling
-    comparisons pair them); for the registered families it is the variant's rank, for a timm model
-    its body's parameter count (timm families have no registered ranks). ``published_gmacs_224``
-    is a published forward cost (multiply-accumulates per image at 224 px, ``cost_source`` says
-    whose); models without one are costed by counting (trainer.models.cost).
-    """
-
-    name: str
-    family: str                          # 'resnet', 'densenet', 'efficientnet', 'timm:convnext', ...
-    size_order: float = 0.0
-    variant: str = ""                    # the name within the family: '152', 'b3', 'convnext_atto'
-    source: str = ""                     # the package that defines the architecture
-    weights_url: str | None = None       # where `trainer.weights download` fetches ImageNet weights
-    weights_file: str | None = None      # its file name in the weights cache (None: no weights)
-    classifier_prefix: str = ""          # state_dict prefix of the original classifier (dropped)
-    compound_scaled: bool = False        # variants are matched to the resolution (EfficientNet)
-    published_gmacs_224: float | None = None
-    cost_source: str = ""
-
-    @property
-    def has_imagenet_weights(self) -> bool:
-        return self.weights_file is not None
 
 
 Builder = Callable[[int], nn.Module]
@@ -179,13 +141,3 @@ def resolve_model_name(name: str, resolution: int) -> str:
         raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}"
                                 f", or {TIMM_PREFIX}<any timm model>")
     return key
-
-
-def check_resolution(resolution: int) -> int:
-    try:
-        value = int(resolution)
-    except (TypeError, ValueError):
-        raise UserError(f"resolution {resolution!r} is not an integer") from None
-    if value != resolution or value < MIN_RESOLUTION:
-        raise UserError(f"resolution {resolution!r}: need an integer >= {MIN_RESOLUTION} px")
-    return value

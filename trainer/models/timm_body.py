@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from trainer.models.registry import TIMM_PREFIX, ModelInfo, UnknownModelError, check_resolution
+from trainer.models.info import TIMM_PREFIX, ModelInfo, UnknownModelError, check_resolution
 
 __all__ = ["TimmBody", "check_timm_name", "build_timm_net", "timm_info", "timm_feature_shape"]
 
