@@ -189,7 +189,7 @@ def test_real_nih_rows_build_sweep_and_report_on_nih_task_names(tmp_path, one_th
     assert len(list(root.glob("images_*/images/*.png"))) == len(subset)
     store_loc = str(tmp_path / "store")
     assert preprocessing("build", "--dataset", "nih", "--image-root", root, "--csv", table, "--out", store_loc,
-                         "--resolutions", 32, "--no-ray", "--no-progress") == 0
+                         "--resolutions", 32, "--valid-fraction", 0.3, "--no-ray", "--no-progress") == 0
     assert preprocessing("verify", store_loc) == 0
     store = open_store(store_loc)
     assert store.tasks == list(FINDINGS) and store.manifest["counts"]["stored"] == len(subset)
