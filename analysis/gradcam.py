@@ -18,7 +18,7 @@ import io
 import math
 import posixpath
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -187,6 +187,7 @@ class BestRun:
     trial_id: str
     checkpoint: str
     outputs: list[str]          # task keys of the model's outputs, in order
+    model_options: dict = field(default_factory=dict)   # the trial's head/body options (create_model)
 
 
 def best_checkpoints(sweep_location: str, tasks: Sequence[str] | None = None,
@@ -214,7 +215,8 @@ def best_checkpoints(sweep_location: str, tasks: Sequence[str] | None = None,
                             model=str(row["model"]), auroc=float(row["best_auroc"]),
                             epoch=int(row["best_epoch"]), trial_id=row["trial_id"],
                             checkpoint=rec.folder.best_checkpoint(row["task_key"]),
-                            outputs=_outputs_of(rec.result or {}, rec.config or {})))
+                            outputs=_outputs_of(rec.result or {}, rec.config or {}),
+                            model_options=_model_options_of(rec.config or {})))
     order = {k: i for i, k in enumerate(TASK_KEYS)}
     return sorted(runs, key=lambda r: (r.resolution, order.get(r.task_key, 99)))
 
@@ -228,12 +230,20 @@ def _outputs_of(result: dict, config: dict) -> list[str]:
     return [task_key(k) for k in config.get("tasks", TASKS)]
 
 
+def _model_options_of(config: dict) -> dict:
+    """The architecture options the trial was built with, so the checkpoint is loaded into the same
+    network (a trial config written before these fields existed used today's literal options)."""
+    literal = {"head_bn_bias": 0.0, "pool_order": "avg,max", "densenet_final_relu": True}
+    return {k: config.get(k, v) for k, v in literal.items()}
+
+
 def load_model(run: BestRun, device: str = "cpu"):
     """The CXRNet of a best checkpoint (weights loaded by trainer.models with weights_only=True)."""
     from trainer.models import create_model
     if not storage.exists(run.checkpoint):
         raise FileNotFoundError(storage.display(run.checkpoint))
-    model = create_model(run.model, run.resolution, outputs=len(run.outputs), weights=run.checkpoint)
+    model = create_model(run.model, run.resolution, outputs=len(run.outputs), weights=run.checkpoint,
+                         **run.model_options)
     return model.to(device).eval()
 
 

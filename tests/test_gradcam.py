@@ -230,3 +230,28 @@ def test_gradcam_on_a_timm_body():
     with torch.no_grad():
         expected = torch.sigmoid(model.eval()(x)[:, 2]).numpy()
     np.testing.assert_allclose(cam.probabilities, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    {"head_bn_bias": 0.0, "pool_order": "avg,max", "densenet_final_relu": True},
+    {"head_bn_bias": 1e-3, "pool_order": "max,avg", "densenet_final_relu": False},
+])
+def test_best_checkpoint_is_loaded_into_the_architecture_it_was_trained_with(tmp_path, options):
+    """The pooling order and DenseNet's final ReLU change the network, so Grad-CAM must rebuild a
+    trial's model with that trial's options (literal and fastai recipes differ here)."""
+    torch.manual_seed(0)
+    trained = create_model("densenet121", 64, outputs=2, weights="none", **options).eval()
+    path = tmp_path / "best-x.pt"
+    torch.save({"model": trained.state_dict(), "epoch": 1, "task": "a"}, path)   # the trainer's format
+    config = dict(options)
+    run = gradcam.BestRun(task_key="cardiomegaly", resolution=64, model="densenet121", auroc=0.9,
+                          epoch=1, trial_id="t", checkpoint=str(path), outputs=["a", "b"],
+                          model_options=gradcam._model_options_of(config))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(gradcam.load_model(run)(x), trained(x))
+
+
+def test_trial_configs_without_architecture_options_were_literal():
+    assert gradcam._model_options_of({}) == {"head_bn_bias": 0.0, "pool_order": "avg,max",
+                                             "densenet_final_relu": True}
