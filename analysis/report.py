@@ -102,8 +102,7 @@ class ReportParts:
 
     def own_tables(self) -> dict[str, pd.DataFrame]:
         """The report's own tables, by file stem (written next to the report)."""
-        return {"answer": self.answer, "configurations": self.conf, "scaling_pairs": self.scaling,
-                "compound_scaling": self.compound}
+        return {"answer": self.answer, "configurations": self.conf}
 
 
 def _sweep_dict(data) -> dict[str, Any]:
@@ -121,14 +120,20 @@ def _finished_config(data) -> dict[str, Any]:
     return methods.trial_config(data.location, ids)
 
 
+def _table(tables: dict, name: str, compute, data) -> pd.DataFrame:
+    """The analysis' own table of that name (written once, as NAME.csv), else computed here."""
+    return tables[name] if name in tables else compute(data.trials)
+
+
 def compute_parts(data, tables: dict[str, pd.DataFrame], *, figures: bool = True,
                   gradcam: bool = True, gradcam_images: list[str] | None = None,
                   device: str = "cpu", bootstrap: int = 0) -> ReportParts:
     conf = effects.configurations(data.trials, data.predictions)
     parts = ReportParts(conf=conf, answer=effects.answer(data.trials, data.predictions,
                                                          families.same_model),
-                        scaling=families.scaling_pairs(data.trials),
-                        compound=families.compound_scaling(data.trials), tables=tables,
+                        scaling=_table(tables, "model_scaling", families.scaling_pairs, data),
+                        compound=_table(tables, "efficientnet", families.compound_scaling, data),
+                        tables=tables,
                         bootstrap=bootstrap)
     if figures:
         parts.figures, parts.skipped = plots.all_figures(
