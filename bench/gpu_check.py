@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if tiny:
         BATCH.update(studies=4, images=6)
         # One intra-op thread: on a small shared CI box, torch's spinning worker threads make a
-        # tiny step 5-10x slower than one thread does (measured: docs/bench-gpu.md).
+        # tiny step 5-10x slower than one thread does (measured: docs/benchmarks.md, GPU check on CPU).
         torch.set_num_threads(1)
     for k, v in defaults.items():
         if getattr(args, k) is None:

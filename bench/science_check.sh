@@ -25,7 +25,7 @@ if [ ! -f "$WORK/store/manifest.json" ]; then
       --csv "$WORK/phantom/valid.csv" --out "$WORK/store" --resolutions 160,240,320,400,480 --no-ray
 fi
 # From random weights (no ImageNet weights for smallcnn): no frozen-body epoch, a larger body LR and
-# a smaller batch than PROTOCOL.md so the few hundred studies give enough optimizer steps; no
+# a smaller batch than the thesis protocol so the few hundred studies give enough optimizer steps; no
 # augmentation, whose bilinear warps blur the finest phantom texture (docs/results.md).
 "$PY" -m orchestrator.sweep --name science --store "$WORK/store" --storage "$WORK/sweeps" \
   --results-dir results/phantom-science \

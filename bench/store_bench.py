@@ -36,7 +36,7 @@ from common.schema import DEFAULT_RESOLUTIONS, TASKS
 HELP = "Benchmark the store builder against per-resolution resizing, and the store's size and read speed."
 EPILOG = """examples:
   python -m bench.store_bench --images 40
-  python -m bench.store_bench --images 200 --ray-cpus 8 --write docs/bench-store.md
+  python -m bench.store_bench --images 200 --ray-cpus 8 --write bench-store.md
 """
 
 

@@ -230,7 +230,7 @@ def run_trial(cfg: TrainConfig, trial_dir: str, on_epoch: Callable[[dict], None]
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         # cudnn.benchmark stays off: a batch's image count varies with its studies (1-3 images
-        # each), and benchmark mode re-tunes every new shape (measured: docs/bench-trainer.md).
+        # each), and benchmark mode re-tunes every new shape (measured: docs/benchmarks.md, cuDNN autotuning).
         torch.backends.cudnn.benchmark = False
     try:
         latest_loc = folder.latest_checkpoint
