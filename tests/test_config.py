@@ -97,3 +97,10 @@ def test_the_recipe_reaches_the_model():
         assert all(float(bn.bias.abs().max()) == pytest.approx(cfg.head_bn_bias) for bn in head_bns)
         features = model.eval().body(torch.zeros(2, 3, 32, 32) - 3)   # dark input: negatives
         assert bool((features < 0).any()) is (not cfg.densenet_final_relu)
+
+
+def test_trial_id_of_a_timm_model_is_a_portable_folder_name():
+    cfg = TrainConfig(model="timm:resnet10t", resolution=64)
+    tid = cfg.trial_id("0" * 64)
+    assert tid.startswith("r64-timm-resnet10t-s0-multi-") and ":" not in tid
+    assert cfg.model == "timm:resnet10t"

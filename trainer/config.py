@@ -327,8 +327,12 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def trial_id(self, manifest_hash: str) -> str:
-        """``r{res}-{model}-s{seed}-{mode}[-{task_key}]-{hash10}`` (docs/architecture.md)."""
-        parts = [f"r{self.resolution}", self.model, f"s{self.seed}", self.task_mode]
+        """``r{res}-{model}-s{seed}-{mode}[-{task_key}]-{hash10}`` (docs/architecture.md).
+
+        The id names a folder on every filesystem and an S3 key, so ``timm:convnext_tiny`` is
+        spelled ``timm-convnext_tiny`` in it (the config keeps the real name).
+        """
+        parts = [f"r{self.resolution}", self.model.replace(":", "-"), f"s{self.seed}", self.task_mode]
         if self.task_mode == "single":
             parts.append(task_key(self.task))
         parts.append(self.result_hash(manifest_hash)[:10])
