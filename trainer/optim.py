@@ -28,42 +28,17 @@ import math
 import torch
 import torch.nn as nn
 
-#: Normalisation layers whose parameters fastai's ``wd_bn_bias=False`` leaves undecayed
-#: (fastai.torch_core.norm_types).
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+from trainer.models.network import NORM_TYPES   # fastai.torch_core.norm_types: exempt from weight decay
 
 
 def layer_groups(model: nn.Module, split: str) -> list[list[nn.Parameter]]:
     """The model's parameters as LR groups, input side first, head last.
 
-    ``split``: 'model' = the model's own ``layer_groups()`` (fastai's split for its family);
+    ``split``: 'model' = the CXRNet's ``layer_groups()`` (fastai's split for its family);
     'body-head' = two groups."""
     if split == "body-head":
         return [list(model.body.parameters()), list(model.head.parameters())]
-    if hasattr(model, "layer_groups"):
-        return [list(g) for g in model.layer_groups()]
-    return _fastai_split(model)
-
-
-def _fastai_split(model: nn.Module) -> list[list[nn.Parameter]]:
-    """fastai's cnn_learner splits for a CXRNet whose class has no ``layer_groups`` yet:
-    ResNet [stem + layer1-2, layer3-4, head], DenseNet [features up to denseblock2,
-    transition2 .. norm5, head], anything else [body, head] (fastai's default_split)."""
-    body, head = model.body, list(model.head.parameters())
-
-    def params(*modules):
-        return [p for m in modules for p in m.parameters()]
-
-    if all(hasattr(body, n) for n in ("conv1", "bn1", "layer1", "layer4")):
-        return [params(body.conv1, body.bn1, body.layer1, body.layer2),
-                params(body.layer3, body.layer4), head]
-    features = getattr(body, "features", None)
-    if features is not None and hasattr(features, "transition2"):
-        children = list(features.named_children())
-        cut = [name for name, _ in children].index("transition2")
-        return [params(*[m for _, m in children[:cut]]), params(*[m for _, m in children[cut:]]),
-                head]
-    return [list(body.parameters()), head]
+    return [list(g) for g in model.layer_groups()]
 
 
 def no_decay_parameters(model: nn.Module) -> set[int]:
