@@ -9,10 +9,12 @@ that reads it skips when it is absent.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +238,20 @@ def test_real_nih_rows_build_sweep_and_report_on_nih_task_names(tmp_path, one_th
 
 # --- 3. a task the dataset does not have --------------------------------------------------------------
 
+@contextlib.contextmanager
+def ray_files_contained():
+    """Every file a Ray started in this block would write goes to a temporary folder, removed after."""
+    from test_sweep_helpers import ray_env, refresh_ray_auth
+    mp = pytest.MonkeyPatch()
+    base = ray_env(mp)
+    try:
+        yield
+    finally:
+        mp.undo()
+        refresh_ray_auth()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def nih_store(tmp_path_factory):
     return build_layout_store("nih", tmp_path_factory.mktemp("nih-e2e"))
@@ -256,7 +272,8 @@ def test_a_task_the_dataset_lacks_is_one_line_and_writes_nothing(entry, nih_stor
         argv = ["--store", nih_store, "--storage", str(target), "--name", "nih", "--resolutions", "32",
                 "--models", "smallcnn", "--weights", "none", "--tasks", "Effusion,Pleural Effusion"]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    code = run_cli(main, argv, prog=entry)
+    with ray_files_contained():   # were the check to slip, the sweep would start its embedded Ray
+        code = run_cli(main, argv, prog=entry)
     err = capsys.readouterr().err
     assert code != 0, err
     # The phantom store's banner may come first; the error itself is one line.
