@@ -5,7 +5,7 @@ as ONE JSON document plus one small JSON per measured group (docs/gpu.md).
 Run it on a GPU machine with ``bash bench/gpu_check.sh`` (8-minute limit). Sections, in order:
 
 * ``env``, ``store``: the machine; a small phantom store for the real loader (or ``--store``).
-* ``groups``: each thesis group at the protocol batch (40 studies = 60 images) in the mode its
+* ``groups``: each thesis group at the protocol batch (40 studies = 48 images, common.schema.images_per_batch) in the mode its
   trials run (CUDA graphs at <= 320 px), ResNet50 at 320 px also fed by the real loader. Each group
   is saved as it finishes and skipped when its file is already in ``--results`` (bench/gpu/groups.py),
   so calls resume. ``compiled_groups``: the 400-480 px groups compiled (trainer/compile.py).

@@ -12,10 +12,10 @@ import torch
 
 from bench.gpu.loaders import loader_steps
 from bench.gpu.measure import Budget, clean, error_text, log, peak_memory, reset_peak
+from common.schema import IMAGES_PER_STUDY
 from bench.gpu.trial import BATCH, Trial, repeat, synthetic_batch, time_steps
 
 #: On out-of-memory at 60 images, measure again at CheXpert's real mean (1.19 images per study).
-OOM_RETRY_IMAGES = 48
 
 #: Targets on one H100 (images/s, bf16 + channels_last, synthetic data): published A100 ResNet50
 #: 2,470 img/s at 224 px x 1.8 for H100, scaled by 1/pixels.
@@ -81,7 +81,7 @@ def measure_config(cfg: Config, device: torch.device, args, budget: Budget, stor
     channels_last = device.type == "cuda" and not args.no_channels_last
     name, res, with_loader = cfg.model, cfg.resolution, cfg.loader
     images = cfg.images or BATCH["images"]
-    studies = BATCH["studies"] if not cfg.images else max(1, round(cfg.images / 1.5))
+    studies = BATCH["studies"] if not cfg.images else max(1, round(cfg.images / IMAGES_PER_STUDY))
     rec: dict[str, Any] = {"label": cfg.label, "model": name, "resolution": res,
                            "batch_studies": studies, "images_per_batch": images,
                            "amp": "bf16" if amp else "off", "channels_last": channels_last,
@@ -104,31 +104,13 @@ def measure_config(cfg: Config, device: torch.device, args, budget: Budget, stor
         rec["model"] = trial.name
         rec["parameters"] = trial.parameters
         rec["build_s"] = time.perf_counter() - t0
-        try:
-            if cfg.compile:
-                # One step of another shape first: a trial's batches vary in size, so after its
-                # second shape it runs the graph with a symbolic image count; time that one.
-                trial.run(repeat(synthetic_batch(res, device, images=images - 3, studies=studies)), 1)
-            batch = synthetic_batch(res, device, images=images, studies=studies)
-            syn = time_steps(trial, repeat(batch), warmup_steps=args.warmup_steps,
-                             min_steps=args.min_steps, seconds=args.seconds, budget=budget)
-        except torch.OutOfMemoryError as oom:
-            # 60 images is the brief's round figure; CheXpert has 1.19 images per study, so
-            # 40 studies are ~48 images in practice: measure that instead, and say so.
-            if not OOM_RETRY_IMAGES or images <= OOM_RETRY_IMAGES or cfg.images or cfg.graphs \
-                    or cfg.compile:
-                raise
-            first = error_text(oom)
-            batch = oom = None
-            trial.opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            rec["oom_at_images_per_batch"] = images
-            rec["oom_error"] = first
-            rec["images_per_batch"] = OOM_RETRY_IMAGES
-            reset_peak(device)
-            batch = synthetic_batch(res, device, images=OOM_RETRY_IMAGES)
-            syn = time_steps(trial, repeat(batch), warmup_steps=args.warmup_steps,
-                             min_steps=args.min_steps, seconds=args.seconds, budget=budget)
+        if cfg.compile:
+            # One step of another shape first: a trial's batches vary in size, so after its
+            # second shape it runs the graph with a symbolic image count; time that one.
+            trial.run(repeat(synthetic_batch(res, device, images=images - 3, studies=studies)), 1)
+        batch = synthetic_batch(res, device, images=images, studies=studies)
+        syn = time_steps(trial, repeat(batch), warmup_steps=args.warmup_steps,
+                         min_steps=args.min_steps, seconds=args.seconds, budget=budget)
         syn.update(peak_memory(device))   # whole trial so far: model, optimizer, warm-up
         rec["synthetic"] = syn
         if target and device.type == "cuda":
