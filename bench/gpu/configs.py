@@ -15,8 +15,6 @@ from bench.gpu.measure import Budget, clean, error_text, log, peak_memory, reset
 from common.schema import IMAGES_PER_STUDY
 from bench.gpu.trial import BATCH, Trial, repeat, synthetic_batch, time_steps
 
-#: On out-of-memory at 60 images, measure again at CheXpert's real mean (1.19 images per study).
-
 #: Targets on one H100 (images/s, bf16 + channels_last, synthetic data): published A100 ResNet50
 #: 2,470 img/s at 224 px x 1.8 for H100, scaled by 1/pixels.
 TARGETS = {
