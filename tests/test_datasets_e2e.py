@@ -282,3 +282,22 @@ def test_a_task_the_dataset_lacks_is_one_line_and_writes_nothing(entry, nih_stor
     assert "Traceback" not in err
     assert not target.exists()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_trainer_cli_without_tasks_trains_on_the_stores_own_tasks(nih_store, tmp_path, capsys, one_thread):
+    """``python -m trainer.train --store NIH-STORE`` needs no --tasks: NIH's 14 findings, as the sweep."""
+    from trainer.train import main
+    out = tmp_path / "trial"
+    code = run_cli(main, ["--store", nih_store, "--model", "smallcnn", "--resolution", "32", "--weights", "none",
+                          "--epochs-frozen", "1", "--epochs-unfrozen", "0", "--batch-studies", "8",
+                          "--no-augment", "--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)],
+                   prog="trainer.train")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    from common.trial_folder import TrialFolder
+    result = TrialFolder(str(out)).read_result()
+    assert result["tasks"] == [task_key(t) for t in FINDINGS]
+    assert result["config"]["tasks"] == list(FINDINGS)
+    assert "effusion" in result["best"]
+    (best_line,) = [line for line in captured.out.splitlines() if line.startswith("best epoch per task:")]
+    assert "effusion" in best_line and "pleural_effusion" not in captured.out
