@@ -128,13 +128,23 @@ def estimate_table(models: Iterable[str] | None = None,
             for m in (models or CPU_PROFILE) for r in resolutions if m in CPU_PROFILE}
 
 
-def load_measurements(json_path: str, cuda_graphs: str = "auto") -> dict[tuple[str, int], Footprint]:
+def uses_compile(resolution: int, compile: str = "auto") -> bool:
+    """Whether a trial with TrainConfig.compile = ``compile`` runs compiled on a GPU."""
+    import torch
+
+    from trainer.compile import want_compile
+    return want_compile(compile, torch.device("cuda"), int(resolution))
+
+
+def load_measurements(json_path: str, cuda_graphs: str = "auto",
+                      compile: str = "auto") -> dict[tuple[str, int], Footprint]:
     """Footprints measured by ``bench/gpu_check.py`` (its JSON document), keyed (model, resolution).
 
     A file measured with cuDNN autotuning on is skipped whole (trials run with it off). Only
     configs that ran on CUDA with a synthetic measurement at the protocol's batch, in the mode
     a trial runs in (CUDA graphs or eager, per :func:`uses_graphs` with the sweep's ``cuda_graphs``
-    setting), are taken: an eager step at 160 px keeps a GPU less than half as busy as a graphed
+    setting), are taken, compiled or not as the trial runs (:func:`uses_compile`; a group measured
+    only in the other compile mode is taken when nothing better is there): an eager step at 160 px keeps a GPU less than half as busy as a graphed
     one, so the other mode's figures would mislead. The busy share is 1 / packing gain where the
     check's packing probe ran that config in that mode, else NVML's utilisation.
     """
@@ -150,6 +160,7 @@ def load_measurements(json_path: str, cuda_graphs: str = "auto") -> dict[tuple[s
         return {}   # trials run without cuDNN autotuning: autotuned rates are not theirs
     protocol_images = settings.get("images_per_batch")
     out: dict[tuple[str, int], Footprint] = {}
+    fallback: dict[tuple[str, int], Footprint] = {}   # measured in the other compile mode
     for section in ("configs", "extra"):
         value = report.get(section)
         if not isinstance(value, dict):
@@ -167,36 +178,42 @@ def load_measurements(json_path: str, cuda_graphs: str = "auto") -> dict[tuple[s
             graphs = bool(rec.get("cuda_graphs", False))
             if graphs != uses_graphs(key[1], cuda_graphs):
                 continue
-            busy, source = syn.get("busy_share"), where + (", CUDA graphs" if graphs else "")
+            compiled = bool(rec.get("compile", False))
+            other_mode = compiled != uses_compile(key[1], compile)
+            busy = syn.get("busy_share")
+            source = where + (", CUDA graphs" if graphs else "") + (", compiled" if compiled else "")
             if (probe.get("model"), probe.get("resolution")) == key and probe.get("packing_gain") \
                     and bool(probe.get("cuda_graphs", False)) == graphs:
                 busy, source = min(1.0, 1.0 / float(probe["packing_gain"])), source + ", probe"
             if busy is None:
                 continue
-            out[key] = Footprint(memory_gb=round(mem_bytes / 1e9 + CUDA_CONTEXT_GB, 2),
-                                 busy_share=round(float(busy), 2), source=source,
-                                 images_per_s=float(syn["images_per_s"]))
-    return out
+            fp = Footprint(memory_gb=round(mem_bytes / 1e9 + CUDA_CONTEXT_GB, 2),
+                           busy_share=round(float(busy), 2), source=source,
+                           images_per_s=float(syn["images_per_s"]))
+            (fallback if other_mode else out)[key] = fp
+    # A group measured only in the other compile mode still beats the table (compiled and eager
+    # steps differ by tens of percent, the table by more); its source says which mode it was.
+    return {**{k: v for k, v in fallback.items() if k not in out}, **out}
 
 
 def load_table(measurements: str | Iterable[str] | None = None,
-               cuda_graphs: str = "auto") -> dict[tuple[str, int], Footprint]:
+               cuda_graphs: str = "auto", compile: str = "auto") -> dict[tuple[str, int], Footprint]:
     """Estimates for every profiled model at the protocol resolutions, overridden by the
     measurements in ``measurements`` (a gpu_check JSON, or several: later files win), if given.
     ``cuda_graphs`` is the trials' TrainConfig.cuda_graphs: it decides which mode's figures apply."""
     table = estimate_table(cuda_graphs=cuda_graphs)
     for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
-        table.update(load_measurements(path, cuda_graphs))
+        table.update(load_measurements(path, cuda_graphs, compile))
     return table
 
 
-def measured_rates(measurements: str | Iterable[str] | None,
-                   cuda_graphs: str = "auto") -> dict[tuple[str, int], tuple[float, str]]:
+def measured_rates(measurements: str | Iterable[str] | None, cuda_graphs: str = "auto",
+                   compile: str = "auto") -> dict[tuple[str, int], tuple[float, str]]:
     """(model, resolution) -> (measured images/s, where) from gpu_check JSONs, in the trials' graph
     mode; later files win. The sweep's dry run costs these groups with them instead of the table."""
     out: dict[tuple[str, int], tuple[float, str]] = {}
     for path in ([measurements] if isinstance(measurements, str) else (measurements or [])):
-        for key, fp in load_measurements(path, cuda_graphs).items():
+        for key, fp in load_measurements(path, cuda_graphs, compile).items():
             if fp.images_per_s:
                 out[key] = (fp.images_per_s, f"{fp.source} ({os.path.basename(path)})")
     return out

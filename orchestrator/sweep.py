@@ -236,8 +236,8 @@ def run_sweep(sweep: SweepConfig, train=None, callbacks: Sequence[Any] = (), *,
     base = base_config(sweep, train)
     files = sweep.measurement_files()
     try:   # the trials' CUDA-graph setting decides which figures (graphed or eager) apply
-        gpu_table = packing.load_table(files, base.cuda_graphs)
-        rates = packing.measured_rates(files, base.cuda_graphs)
+        gpu_table = packing.load_table(files, base.cuda_graphs, base.compile)
+        rates = packing.measured_rates(files, base.cuda_graphs, base.compile)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"--gpu-measurements: cannot read a gpu_check JSON "
                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
