@@ -12,11 +12,11 @@ from trainer.config import ConfigError, TrainConfig
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")   # a device object needs no GPU
 
 
-def test_auto_is_off_on_cpu_and_on_cuda_only_where_graphs_are_off():
-    from trainer.graphs import want_graphs
+def test_auto_is_off_until_a_gpu_has_measured_it():
     for res in (160, 240, 320, 400, 480):
         assert want_compile("auto", CPU, res) is False          # CPU runs stay eager, bitwise exact
-        assert want_compile("auto", CUDA, res) is (not want_graphs("auto", CUDA, res))
+        assert want_compile("auto", CUDA, res) is False         # not on by default until measured
+        assert want_compile("on", CUDA, res) is True
         assert want_compile("on", CPU, res) and not want_compile("off", CUDA, res)
     with pytest.raises(ValueError, match="compile"):
         want_compile("yes", CPU, 320)

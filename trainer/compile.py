@@ -36,10 +36,14 @@ import torch._inductor.config
 
 from trainer.graphs import AUTO_MAX_RESOLUTION as GRAPHS_AUTO_MAX_RESOLUTION
 
-#: 'auto' compiles on CUDA above the resolutions where CUDA graphs are on by default: there the
-#: step is compute-bound (graphs gained <= 1.01x at 480 px on an H100, docs/benchmarks.md), which is
-#: what fusion speeds up. Below it the step is launch-bound and graphs already remove that cost.
-AUTO_MIN_RESOLUTION = GRAPHS_AUTO_MAX_RESOLUTION + 1
+#: Where compiling should pay: on CUDA above the resolutions where CUDA graphs are on by default,
+#: where the step is compute-bound (graphs gained <= 1.01x at 480 px on an H100,
+#: docs/benchmarks.md), which is what fusion speeds up. The GPU check compiles these groups.
+COMPILE_MIN_RESOLUTION = GRAPHS_AUTO_MAX_RESOLUTION + 1
+#: 'auto' compiles nowhere until the GPU check has shown, on a GPU, that a compiled trial is faster
+#: and trains the same model as eager: a default no GPU has run would put every large-image trial
+#: at risk. Then this becomes the measured set of (resolution) where it pays.
+AUTO_COMPILES = False
 #: inductor's mode (see the module docstring for why not 'reduce-overhead' or 'max-autotune').
 MODE = "default"
 SETTINGS = ("auto", "on", "off")
@@ -51,7 +55,7 @@ def want_compile(setting: str, device: torch.device, resolution: int) -> bool:
         raise ValueError(f"compile: {setting!r} is not one of {', '.join(SETTINGS)}")
     if setting != "auto":
         return setting == "on"
-    return device.type == "cuda" and resolution >= AUTO_MIN_RESOLUTION
+    return AUTO_COMPILES and device.type == "cuda" and resolution >= COMPILE_MIN_RESOLUTION
 
 
 def compile_model(model: torch.nn.Module, mode: str = MODE) -> torch.nn.Module:

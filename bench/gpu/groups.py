@@ -32,8 +32,8 @@ LOADER_GROUP = ("resnet50", 320)
 
 def thesis_groups(device: torch.device) -> list[Config]:
     """The 25 groups in a mode that works (graphs where the trainer uses them by default), then
-    the groups the trainer compiles by default, compiled."""
-    from trainer.compile import want_compile
+    the groups where compiling should pay (trainer/compile.py), compiled."""
+    from trainer.compile import COMPILE_MIN_RESOLUTION
     from trainer.graphs import want_graphs
     from trainer.models import resolve_model_name
     first, compiled = [], []
@@ -42,7 +42,7 @@ def thesis_groups(device: torch.device) -> list[Config]:
             model = resolve_model_name(name, res)
             graphs = want_graphs("auto", device, res)
             first.append(Config(model, res, graphs=graphs, loader=(name, res) == LOADER_GROUP))
-            if want_compile("auto", device, res):
+            if device.type == "cuda" and res >= COMPILE_MIN_RESOLUTION:   # where compiling should pay
                 compiled.append(Config(model, res, graphs=graphs, compile=True, loader=False))
     # the most expensive groups (the largest images) compile first
     return first + sorted(compiled, key=lambda c: -c.resolution)
