@@ -74,6 +74,7 @@ def aggregate_sweep(sweep_location: str, results_dir: str | None = None, *, boot
     data = load_sweep(sweep_location, bootstrap=bootstrap, seed=seed, progress=progress)
     out_dir = results_dir or SweepFolder(sweep_location).results_dir
     storage.makedirs(out_dir)
+    storage.remove_temp_files(out_dir)   # left by an aggregation killed mid-write; every file is rewritten
     files = writer.write_table(out_dir, "trials", data.trials, parquet=True, markdown=False)
     files += writer.write_table(out_dir, "epochs", data.epochs, parquet=True, markdown=False)
     computed = compute_tables(data)

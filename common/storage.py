@@ -131,6 +131,24 @@ def write_bytes(location: str, data: bytes) -> None:
         f.write(data)
 
 
+def remove_temp_files(location: str) -> list[str]:
+    """Remove the temporary files that writes killed before their rename (SIGKILL, power loss)
+    left in a local folder and below it; the paths removed. Remote writes leave none."""
+    fs, path = resolve(location)
+    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(path):
+        return []
+    removed = []
+    for folder, _, names in os.walk(path):
+        for name in names:
+            if ".tmp-" in name:
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
 def read_json(location: str) -> Any:
     return json.loads(read_bytes(location).decode("utf-8"))
 
