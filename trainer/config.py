@@ -88,8 +88,9 @@ class TrainConfig:
                         "'single': one binary model for --task, as the thesis trained",
                         choices=("multi", "single"))
     task: str = _f("", "the task in single mode (e.g. 'Cardiomegaly'); '' in multi mode", grid=True)
-    tasks: tuple[str, ...] = _f(TASKS, "tasks of a multi-task model, report order (names as the "
-                                "store lists them)")
+    tasks: tuple[str, ...] = _f(TASKS, "tasks of a multi-task model, report order, by the store's "
+                                "own label names (default on the command line: the store's default "
+                                "tasks; CheXpert's five for CheXpert)")
     seed: int = _f(0, "drives head init, dropout and augmentation (>= 0)", grid=True)
     weights: str = _f("imagenet", "'imagenet', 'none' or a path to a state_dict file")
     weights_dir: str = _f("", "local cache of ImageNet weights ('' = trainer.weights default)",

@@ -449,7 +449,11 @@ def main(argv=None) -> int:
         raise ConfigError("--store: no store location given")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from preprocessing.store import open_store
-    phantom = open_store(cfg.store, verify=False).is_phantom
+    store = open_store(cfg.store, verify=False)
+    if tuple(cfg.tasks) == tuple(TrainConfig.tasks):
+        # no tasks asked for: the store's dataset decides (CheXpert's five for CheXpert), as in the sweep
+        cfg = TrainConfig.from_dict({"tasks": list(store.default_tasks)}, base=cfg)
+    phantom = store.is_phantom
     if phantom:
         print(PHANTOM_BANNER, file=sys.stderr)
 
