@@ -296,7 +296,12 @@ class SweepProgress(TrialProgressCallback):
         self.maybe_status()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.trial_finished(_tid(trial))
+        # A deterministic error ends the trainable normally (so Tune does not retry it): the
+        # ledger, written before it returned, says whether the trial really finished.
+        if self._ledger_state(trial) == "failed":
+            self.trial_failed(_tid(trial), retrying=False, error=self._error(trial))
+        else:
+            self.trial_finished(_tid(trial))
         self.maybe_status()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -306,6 +311,15 @@ class SweepProgress(TrialProgressCallback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.trial_failed(_tid(trial), retrying=False, error=self._error(trial))
         self.maybe_status()
+
+    def _ledger_state(self, trial) -> str:
+        if not self.sweep_loc:
+            return ""
+        from orchestrator import ledger
+        try:
+            return str((ledger.read_entry(self.sweep_loc, _tid(trial)) or {}).get("state") or "")
+        except Exception:
+            return ""
 
     def _error(self, trial) -> str:
         """The failing attempt's one-line error, from the ledger (written before the trial raised)."""

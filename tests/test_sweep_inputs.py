@@ -350,3 +350,22 @@ def test_tasks_default_to_the_stores_own(capsys, store, tmp_path):
     code, err, out = cli(capsys, *base_args(other, tmp_path, "--task-mode", "single", "--tasks",
                                             "Atelectasis", "--dry-run"))
     assert code == 0 and "1 trials" in out and "-single-atelectasis-" in out
+
+
+def test_progress_counts_a_deterministic_failure_as_failed(tmp_path):
+    """Such a trial ends its trainable normally (Tune must not retry it); the ledger says failed."""
+    from orchestrator import ledger
+    from orchestrator.progress import SweepProgress
+    sweep = str(tmp_path / "s")
+    ledger.register(sweep, "t0", {"resolution": 32, "model": "smallcnn", "seed": 0}, run_id="r")
+    ledger.mark_failed(sweep, "t0", "ConfigError: task(s) 'X' not in store")
+
+    class Trial:
+        trial_id, config = "tune0", {"trial": {"trial_id": "t0"}}
+
+    out = io.StringIO()
+    p = SweepProgress({"t0": {"resolution": 32, "model": "smallcnn", "total_epochs": 1}},
+                      interval=0, out=out, sweep_loc=sweep)
+    p.on_trial_complete(0, [], Trial())
+    assert p.counts()["failed"] == 1 and p.counts()["finished"] == 0
+    assert "FAILED t0: ConfigError" in out.getvalue()
