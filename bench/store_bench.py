@@ -1,4 +1,4 @@
-"""``python -m bench.store_bench`` (also ``python -m preprocessing bench``): the store builder vs the naive path, store size, read speed.
+"""``python -m bench.store_bench``: the store builder vs the naive path, store size, read speed.
 
 On generated full-size phantom films (2000-3000 px JPEGs, quality 95, with burned-in text, laterality
 markers and collimation edges: what puts a fast resize's accuracy at risk) in a temporary folder:
