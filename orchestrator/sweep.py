@@ -175,8 +175,9 @@ def write_sweep_file(sweep_loc: str, *, name: str, store_loc: str, manifest_hash
 
 
 # --- output ---------------------------------------------------------------------------------------
-def results_table(entries: dict[str, dict], trial_ids: list[str]) -> str:
-    """Mean best AUROC (mean over tasks, then over seeds) per model (rows) and resolution (columns)."""
+def ledger_table(entries: dict[str, dict], trial_ids: list[str]) -> str:
+    """Mean best AUROC (mean over tasks, then over seeds) per model (rows) and resolution (columns),
+    from the ledger alone: what the driver prints when the analysis cannot run or is skipped."""
     cells: dict[tuple[str, int], list[float]] = {}
     for tid in trial_ids:
         e = entries.get(tid) or {}
@@ -201,25 +202,17 @@ def results_table(entries: dict[str, dict], trial_ids: list[str]) -> str:
 
 
 def run_aggregator(sweep_loc: str, out_dir: str, out: IO[str], fallback_table: str) -> None:
-    """Build the report with the analysis package and print its table (ours if that fails)."""
+    """Build the report with the analysis package and print its table (the ledger's if it fails)."""
+    from analysis.aggregate import aggregate_sweep
     try:
-        from analysis import aggregate as agg
-        fn = getattr(agg, "aggregate_sweep", None) or agg.aggregate
-    except (ImportError, AttributeError):
-        print(fallback_table, file=out)
-        print("the analysis package is not available: no report written", file=out)
-        return
-    try:
-        summary = fn(sweep_loc, out_dir)
+        summary = aggregate_sweep(sweep_loc, out_dir)
     except UserError as exc:
         print(fallback_table, file=out)
         print(f"aggregation failed: {exc}", file=out)
         return
-    table = getattr(summary, "table", None) or (summary if isinstance(summary, str) else "")
-    if table:
-        print(table, file=out)
-    print(f"report: {getattr(summary, 'out_dir', None) or storage.display(out_dir)}", file=out,
-          flush=True)
+    if summary.table:
+        print(summary.table, file=out)
+    print(f"report: {summary.out_dir or storage.display(out_dir)}", file=out, flush=True)
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -353,7 +346,7 @@ def _run_locked(sweep: SweepConfig, base, trials: list[Trial], callbacks, trial_
     entries = ledger.read_all(sweep_loc)
     result.finished = [t for t in ids if entries.get(t, {}).get("state") == "finished"]
     result.failed = [t for t in ids if t not in set(result.finished)]
-    table = results_table(entries, ids)
+    table = ledger_table(entries, ids)
     if result.failed or not sweep.aggregate:
         print(table, file=out)
     if result.failed:
