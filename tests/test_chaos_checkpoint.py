@@ -167,7 +167,9 @@ def test_killed_between_epochs_jsonl_and_latest_pt(tiny_phantom_store, tmp_path,
     folder = TrialFolder(str(tmp_path / "t"))
     script = KILL_BETWEEN.format(repo=REPO, epoch=2, trial=folder.location,
                                  config={**CONFIG, "store": tiny_phantom_store})
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600)
+    # CPU results are bitwise for a given thread count: the killed process uses this one's.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600, env=env)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
     assert [r["epoch"] for r in folder.read_epochs()] == [1, 2]      # one record ahead of ...
     assert ckpt.load(folder.latest_checkpoint)["epoch"] == 1         # ... the checkpoint

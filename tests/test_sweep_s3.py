@@ -83,8 +83,10 @@ def test_real_trainer_on_s3_killed_and_resumed(tmp_path, s3_endpoint, tiny_phant
     folder = TrialFolder(f"s3://sweeps/real/trials/t?endpoint_override={endpoint}&scheme=http")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = TRAINER_KILLED_AFTER_EPOCH.format(repo=repo, config=config, trial=folder.location)
+    import torch
+    # CPU results are bitwise for a given thread count: the killed process uses this one's.
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600,
-                            env=dict(os.environ))
+                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
 
     def keys():
