@@ -16,7 +16,7 @@ OBSERVATIONS = (
     "Pleural Other", "Fracture", "Support Devices",
 )
 
-#: The five evaluation tasks (PROTOCOL.md), as CSV column names, in report order.
+#: The five evaluation tasks of the thesis protocol (docs/data.md), as CSV column names, in report order.
 TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
@@ -31,7 +31,7 @@ TASK_KEYS = tuple(task_key(t) for t in TASKS)
 #: -1 -> 1 (ones), -1 -> 0 (zeros), -1 -> excluded (ignore). Blank is always excluded.
 POLICIES = ("ones", "zeros", "ignore")
 
-#: PROTOCOL.md: U-Ones for Atelectasis, Edema, Pleural Effusion; U-Zeros for Cardiomegaly;
+#: The thesis protocol: U-Ones for Atelectasis, Edema, Pleural Effusion; U-Zeros for Cardiomegaly;
 #: U-Ignore for Consolidation.
 DEFAULT_POLICY = {
     "Atelectasis": "ones",

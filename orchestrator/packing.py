@@ -2,7 +2,7 @@
 
 A trial that cannot fill a GPU (EfficientNet-B0 at 160 px on an H100) wastes most of it. Ray Tune
 can give such trials a fraction of a GPU (``{"gpu": 0.5}``: two trials share one, with the same
-CUDA_VISIBLE_DEVICES and *no* memory isolation, see ../shared/RAY_NOTES.md), so the sweep needs,
+CUDA_VISIBLE_DEVICES and *no* memory isolation), so the sweep needs,
 per (model, resolution), two numbers for one trial at the protocol's batch (40 studies, 48 images,
 ``common.schema.images_per_batch``):
 

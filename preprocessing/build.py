@@ -350,7 +350,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resolutions", default=",".join(map(str, DEFAULT_RESOLUTIONS)),
                         help="square output sizes, comma separated")
     parser.add_argument("--policy", default=None,
-                        help="uncertainty policy overrides, e.g. 'Atelectasis=zeros,Edema=ignore' (defaults: PROTOCOL.md)")
+                        help="uncertainty policy overrides, e.g. 'Atelectasis=zeros,Edema=ignore' (defaults: the thesis protocol, docs/data.md)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="source images per shard (one Ray task)")
     parser.add_argument("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS, help="lossless image encoding")
     parser.add_argument("--reduce-factor", type=float, default=DEFAULT_REDUCE_FACTOR,

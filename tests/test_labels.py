@@ -52,7 +52,7 @@ def test_default_policy_per_task(tmp_path):
             row(img("train", 3, 1), "0.0", "0.0", "0.0", "0.0", "0.0"),
             row(img("train", 4, 1), "", "", "", "", "")]
     ls = read_labels(write_csv(tmp_path / "train.csv", rows))
-    # PROTOCOL.md: U-Ones Atelectasis/Edema/Effusion, U-Zeros Cardiomegaly, U-Ignore Consolidation.
+    # the thesis protocol: U-Ones Atelectasis/Edema/Effusion, U-Zeros Cardiomegaly, U-Ignore Consolidation.
     uncertain = img("train", 1, 1)
     assert [label(ls, uncertain, t) for t in TASKS] == [1.0, 0.0, None, 1.0, 1.0]
     assert [label(ls, img("train", 2, 1), t) for t in TASKS] == [1.0] * 5

@@ -15,14 +15,14 @@ from common.cli import UserError
 from trainer.models import (CXRNet, UnknownModelError, create_model, feature_map_size, list_models,
                             register_model, resolve_model_name)
 
-#: PROTOCOL.md "Models": body parameters without the ImageNet classifier.
+#: the thesis protocol "Models": body parameters without the ImageNet classifier.
 PROTOCOL_BODY_PARAMS = {
     "resnet50": 23_508_032, "resnet152": 58_143_808,
     "densenet121": 6_953_856, "densenet161": 26_472_000,
     "efficientnet-b0": 4_007_548, "efficientnet-b1": 6_513_184, "efficientnet-b3": 10_696_232,
     "efficientnet-b4": 17_548_616, "efficientnet-b5": 28_340_784,
 }
-#: PROTOCOL.md: the head with one output, by feature width F.
+#: the thesis protocol: the head with one output, by feature width F.
 PROTOCOL_HEAD_PARAMS = {2048: 2_106_880, 1024: 1_054_208, 1280: 1_317_376}
 
 #: Cheap enough to build and run on 2 shared cores; the rest are only counted on "meta".
@@ -99,7 +99,7 @@ def test_parameter_counts_match_protocol(name):
 
 
 def test_head_counts_cover_all_protocol_widths():
-    # each F that PROTOCOL.md gives a head count for is met by a registered body
+    # each F that the thesis protocol gives a head count for is met by a registered body
     widths = {shared_meta_model(n).num_features for n in ("resnet50", "densenet121", "efficientnet-b0")}
     assert widths == set(PROTOCOL_HEAD_PARAMS)
 

@@ -22,7 +22,7 @@ HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *TASKS]
 
 
 def ray_env(mp) -> str:
-    """Point every file Ray writes at a fresh short temp dir (RAY_NOTES.md housekeeping) and
+    """Point every file Ray writes at a fresh short temp dir (Ray housekeeping: nothing under /tmp/ray) and
     return it. Short because Ray's Unix socket paths live below it (~107 bytes at most)."""
     import secrets
     import tempfile

@@ -217,7 +217,7 @@ def test_config_precedence_and_result_fields(tmp_path):
     cfg = config_from_args(args)
     assert (cfg.seed, cfg.lr_head, cfg.model, cfg.epochs_unfrozen, cfg.beta1_cycle, cfg.augment) == \
         (7, 1e-3, "densenet121", 2, (0.9, 0.8, 0.9), False)
-    assert cfg.lr_body == 2.5e-5 and cfg.batch_studies == 40  # PROTOCOL.md defaults
+    assert cfg.lr_body == 2.5e-5 and cfg.batch_studies == 40  # the thesis protocol defaults
     fields = TrainConfig.result_fields()
     assert "seed" in fields and "workers" not in fields and "store" not in fields
     moved = TrainConfig.from_dict({"store": "elsewhere", "workers": 3}, base=cfg)
@@ -244,7 +244,7 @@ def test_cli(tiny_phantom_store, tmp_path):
 def test_learning_check(tiny_phantom_store, tmp_path):
     """Training learns: the coarse phantom task (Cardiomegaly: heart width) reaches AUROC >= 0.8
     on the validation studies, from random weights at 32 px in a 5-epoch budget (about 25 s on one
-    free core). The budget's LRs are higher than PROTOCOL.md's because nothing is pretrained. With
+    free core). The budget's LRs are higher than the thesis protocol's because nothing is pretrained. With
     this budget the phantom reached 0.95 (0.89 after 4 epochs) when the test was written."""
     cfg = TrainConfig(store=tiny_phantom_store, model="resnet18", resolution=32, weights="none",
                       task_mode="single", task="Cardiomegaly", epochs_frozen=1, epochs_unfrozen=4,
