@@ -22,7 +22,7 @@ epochs, batch 8 studies, no augmentation), then the aggregator and its table; ev
 demo/, the report in demo/results/report.html. Re-running it resumes.
 
 examples:
-  python -m orchestrator.demo                      # the README's demo (233 s on 2 cores, measured)
+  python -m orchestrator.demo                      # the README's demo (285 s on 2 cores, measured)
   python -m orchestrator.demo --out /tmp/demo --resolutions 160,320 --studies 120
 
 The full thesis grid on a GPU cluster is `python -m orchestrator.sweep` (docs/sweep.md, docs/cluster.md).
