@@ -12,6 +12,18 @@ TINY_PHANTOM_STUDIES = 300
 TINY_PHANTOM_RESOLUTIONS = (32, 64)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: the test machine's few cores are shared (oversubscription
+    made tiny forward passes up to 20x slower), and exact equality between runs holds for a fixed
+    thread count (float reductions split over threads sum in another order)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom_images(tmp_path_factory):
     """A tiny phantom dataset (image root with train.csv/valid.csv), 64-96 px sources."""

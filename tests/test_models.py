@@ -29,14 +29,7 @@ PROTOCOL_HEAD_PARAMS = {2048: 2_106_880, 1024: 1_054_208, 1280: 1_317_376}
 SMALL = ("resnet18", "densenet121", "efficientnet-b0", "efficientnet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's few cores are shared: one intra-op thread avoids oversubscription, which
-    # made these tiny forward passes 20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(params) -> int:

@@ -26,12 +26,7 @@ TINY = [("convnext_atto", 64, 320, 2, 3), ("resnet10t", 64, 512, 2, 3),
 NAMES = [t[0] for t in TINY]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared cores: avoid oversubscription
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -19,14 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("images_per_s", "epoch_seconds", "peak_memory_bytes")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one thread. Exact equality holds for a fixed thread count (float
-    reductions split over threads sum in another order), so every trial here uses the same one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(store, **kw) -> TrainConfig:
