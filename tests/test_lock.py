@@ -19,13 +19,13 @@ from orchestrator.lock import DriverLock, Lease, LockHeld
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOLDER = """
-import sys, time
+import sys, threading
 sys.path.insert(0, {repo!r})
 from orchestrator.lock import DriverLock
 lock = DriverLock({loc!r}, run_id="first-run", lease_s={lease}, heartbeat_s={beat})
 lock.acquire()
 print("held", flush=True)
-time.sleep(600)
+threading.Event().wait()   # hold the lock until the test kills this process
 """
 
 
