@@ -18,11 +18,13 @@ of Ray's long retry loop.
 A killed driver (SIGKILL, OOM killer) runs no ``finally``: Ray's own fate-sharing stops the GCS and
 raylet, but its dashboard and runtime-env agents lingered about a minute, and the token stayed on
 disk. So the embedded instance gets a watchdog: a small process (``python -m
-orchestrator.local_ray watchdog``) holding a pipe from the driver. When the pipe closes without the
-driver's "done" line, the driver died: the watchdog ends every process that carries this run's
-marker (``CXR_RAY_RUN_DIR=<run dir>`` in its environment, inherited by all of Ray's processes of
-this instance, nothing else), removes the token and the run directory, and exits. Run
-directories of earlier drivers that are gone are removed when the next one starts.
+orchestrator.local_ray watchdog``) holding a pipe from the driver and its pid. When the pipe closes
+or the pid stops naming the driver, without the driver's "done" line, the driver died: the
+watchdog ends every process that carries this run's marker (``CXR_RAY_RUN_DIR=<run dir>`` in its
+environment, inherited by all of Ray's processes of this instance, nothing else), removes the
+token and the run directory, and exits. Its log (``<run dir>.watchdog.log``) is deleted when all
+went well and kept as the evidence when not. Run directories of earlier drivers that are gone are
+removed when the next one starts.
 
 Ctrl-C: Tune's own SIGINT handler is turned off (``TUNE_DISABLE_SIGINT_HANDLER``), so the
 KeyboardInterrupt reaches the sweep, which records the running trials as interrupted; Tune's
@@ -35,6 +37,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -193,51 +196,97 @@ def stop_processes(pids: Sequence[int], grace: float = TERM_GRACE_S) -> None:
             return
 
 
-def clean_up_after(run_dir: str) -> None:
-    """What the watchdog does when the driver died: end the instance's processes (again while
-    any are left: a dying raylet may start a worker meanwhile), then remove the token and the
-    run directory."""
-    deadline = time.time() + 20
-    while time.time() < deadline:
+def clean_up_after(run_dir: str, settle: float = 60.0) -> list[int]:
+    """What the watchdog does when the driver died: end the instance's processes, again while any
+    are left (a dying raylet may still start a worker or an agent), then remove the token and the
+    run directory. Returns the pids still alive after ``settle`` seconds (none, normally)."""
+    deadline = time.time() + settle
+    quiet_scans = 0
+    pids: list[int] = []
+    while time.time() < deadline and quiet_scans < 3:
         pids = processes_of(run_dir)
-        if not pids:
-            break
-        stop_processes(pids)
+        if pids:
+            quiet_scans = 0
+            stop_processes(pids)
+        else:
+            quiet_scans += 1
+            time.sleep(0.3)
     with contextlib.suppress(OSError):
         os.remove(os.path.join(run_dir, TOKEN_FILE))
     shutil.rmtree(run_dir, ignore_errors=True)
+    return processes_of(run_dir)
 
 
-def watch(run_dir: str, stream=None) -> int:
-    """The watchdog's loop: wait for the driver's pipe to close; clean up unless it said done."""
-    stream = stream or sys.stdin.buffer
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks (``/proc/PID/stat`` field 22), or None when it is
+    gone or a zombie: with the pid it names one process, whatever reuses the pid later."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def watch(run_dir: str, driver_pid: int, stream=None, poll: float = 0.5) -> int:
+    """The watchdog's loop: clean up when the driver is gone without having said "done".
+
+    Two signs that it is gone, whichever comes first: its pipe closes, or its pid stops naming the
+    process that started us (a pipe end inherited by some other process would keep the pipe open)."""
+    fd = (stream or sys.stdin.buffer).fileno()
+    ticks = _start_ticks(driver_pid)
     data = b""
     while True:
-        chunk = stream.read(64)
-        if not chunk:
+        ready, _, _ = select.select([fd], [], [], poll)
+        if ready:
+            chunk = os.read(fd, 64)
+            if not chunk:
+                break
+            data += chunk
+            continue
+        if ticks is None or _start_ticks(driver_pid) != ticks:
             break
-        data += chunk
-    if b"done" not in data:
-        clean_up_after(run_dir)
+    if b"done" in data:
+        return 0
+    log(f"driver {driver_pid} gone; ending the processes of {run_dir}")
+    left = clean_up_after(run_dir)
+    if left:
+        log(f"still running after the clean-up: {left}")
+        return 1
+    log("clean-up done")
     return 0
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} watchdog: {message}", file=sys.stderr, flush=True)
+
+
+def watchdog_log_path(run_dir: str) -> str:
+    """The watchdog's log, next to (not in) the run directory it removes; deleted when all went well."""
+    return run_dir.rstrip(os.sep) + ".watchdog.log"
 
 
 def start_watchdog(run_dir: str) -> subprocess.Popen:
     """The watchdog process of one embedded instance (its own session: a Ctrl-C to the driver's
     terminal does not reach it, and it outlives the driver by design)."""
     env = {k: v for k, v in os.environ.items() if k != RUN_MARKER}   # it must not end itself
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.local_ray", "watchdog", run_dir],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(watchdog_log_path(run_dir), "ab") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.local_ray", "watchdog", run_dir,
+                                 str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log_file,
+                                start_new_session=True, env=env,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def stop_watchdog(proc: subprocess.Popen) -> None:
+def stop_watchdog(proc: subprocess.Popen, run_dir: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         proc.stdin.write(b"done\n")
         proc.stdin.close()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+    if proc.returncode == 0:
+        with contextlib.suppress(OSError):
+            os.remove(watchdog_log_path(run_dir))
 
 
 class _DropTuneRestoreAdvice(logging.Filter):
@@ -335,7 +384,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        stop_watchdog(watchdog)
+        stop_watchdog(watchdog, run_dir)
         with contextlib.suppress(OSError):   # the token is worthless once the instance is gone
             os.remove(os.path.join(run_dir, TOKEN_FILE))
         for key, value in saved.items():
@@ -353,14 +402,19 @@ def _gcs_address(ray) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestrator.local_ray watchdog RUN_DIR`` (started by ray_session only)."""
+    """``python -m orchestrator.local_ray watchdog RUN_DIR DRIVER_PID`` (started by ray_session only)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2 or argv[0] != "watchdog":
-        print("usage: python -m orchestrator.local_ray watchdog RUN_DIR (started by the sweep)",
-              file=sys.stderr)
+    if len(argv) != 3 or argv[0] != "watchdog" or not argv[2].isdigit():
+        print("usage: python -m orchestrator.local_ray watchdog RUN_DIR DRIVER_PID "
+              "(started by the sweep)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return watch(os.path.abspath(argv[1]))
+    run_dir = os.path.abspath(argv[1])
+    status = watch(run_dir, int(argv[2]))
+    if status == 0:
+        with contextlib.suppress(OSError):
+            os.remove(watchdog_log_path(run_dir))
+    return status
 
 
 if __name__ == "__main__":

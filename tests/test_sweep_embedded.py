@@ -22,7 +22,8 @@ import pytest
 from common import storage
 from orchestrator import ledger
 from common.sweep_folder import SweepFolder
-from orchestrator.local_ray import init_kwargs_embedded, processes_of
+from orchestrator.local_ray import (RUN_MARKER, init_kwargs_embedded, processes_of,
+                                    watchdog_log_path)
 from test_sweep_helpers import (FakeTrial, by_value, make_tiny_store, ray_env, read_jsonl,
                                 refresh_ray_auth, run_small_sweep)
 
@@ -77,6 +78,17 @@ def pids_using(marker: str) -> list[int]:
         if marker in cmd or f"CXR_RAY_DIR={marker}\0" in env + "\0":
             found.append(int(pid))
     return found
+
+
+def describe(pid: int, run_dir: str) -> str:
+    """A leftover process for a failure message: its command line and whether it carries the marker."""
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        env = open(f"/proc/{pid}/environ", "rb").read() + b"\0"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    marked = f"{RUN_MARKER}={run_dir}\0".encode() in env
+    return f"{cmd.strip()[:120]!r} marker={marked} ppid={open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1]}"
 
 
 def end_leftovers(marker: str, timeout: float = 30.0) -> None:
@@ -149,7 +161,7 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
                         f"{ {t: (e['state'], epochs_on_storage(ledger.trial_dir(sweep_loc, t))) for t, e in entries.items()} }"
                         + (tmp_path / "driver.log").read_text()[-3000:])
         (killed_run_dir,) = [os.path.join(run_base, d) for d in os.listdir(run_base)
-                             if d.startswith("cxr-ray-")]
+                             if d.startswith("cxr-ray-") and not d.endswith(".log")]
         assert processes_of(killed_run_dir)              # the instance's processes carry the marker
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -159,14 +171,17 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
         while (pids_using(run_base) or os.path.exists(killed_run_dir)) and time.monotonic() - killed < 30:
             time.sleep(0.2)
         gone_after = time.monotonic() - killed
-        left = {pid: open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")[:200]
-                for pid in pids_using(run_base) if os.path.exists(f"/proc/{pid}")}
+        left = {pid: describe(pid, killed_run_dir) for pid in pids_using(run_base)
+                if os.path.exists(f"/proc/{pid}")}
+        watchdog_log = watchdog_log_path(killed_run_dir)
+        evidence = open(watchdog_log).read() if os.path.exists(watchdog_log) else "(no watchdog log)"
     finally:
         if proc.poll() is None:
             proc.kill()
         end_leftovers(run_base)
-    assert left == {} and not os.path.exists(killed_run_dir), (left, gone_after)
-    assert gone_after < 12, gone_after
+    assert left == {} and not os.path.exists(killed_run_dir), (left, gone_after, evidence)
+    assert gone_after < 12, (gone_after, evidence)
+    assert evidence == "(no watchdog log)"          # kept only when the clean-up failed
 
     before = ledger.read_all(sweep_loc)
     finished_before = {t for t, e in before.items() if e["state"] == "finished"}
