@@ -145,7 +145,7 @@ def run_bench(n: int, min_size: int, max_size: int, resolutions: list[int], ray_
         common = dict(resolutions=resolutions, shard_size=max(1, n // 8), progress=False)
         # Warm-up: imports (pandas; torch, for the bicubic pyramid) are paid once per process, not per image.
         build._load_labels(csvs, None)
-        import torchvision.transforms.v2.functional  # noqa: F401 (imported for its cost)
+        import torch.nn.functional  # noqa: F401 (imported for its cost)
         for key, label, kwargs in VARIANTS:
             print(f"{label}, in process ...", file=sys.stderr)
             results[key] = timed(build.build_store, src, csvs, os.path.join(work, key), use_ray=False,

@@ -124,3 +124,22 @@ def test_encodings_are_lossless(encoding):
     np.testing.assert_array_equal(decode_image(blob, encoding), pixels)
     with pytest.raises(ValueError):
         encode_image(pixels, "jpeg")
+
+
+@pytest.mark.parametrize("width", [8, 9, 10, 11, 3])
+def test_packed_bicubic_is_torchs_own_one_axis_resize(width):
+    """Packing neighbouring columns as channels changes the speed, never a pixel: each pass equals
+    torch's plain one-channel resize along that axis."""
+    import torch
+    import torch.nn.functional as F
+    from preprocessing.resize import bicubic
+
+    def plain(a, size):
+        t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
+        return F.interpolate(t, size=size, mode="bicubic", antialias=True, align_corners=False)[0, 0].numpy()
+
+    rng = np.random.default_rng(width)
+    image = rng.integers(0, 256, (37, width), dtype=np.uint8)
+    rows_done = plain(image, (23, width))
+    expected = plain(rows_done.T, (max(2, width // 2), 23)).T
+    np.testing.assert_array_equal(bicubic(image, 23, max(2, width // 2)), expected)
