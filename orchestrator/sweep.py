@@ -122,7 +122,8 @@ def open_and_check_store(store_loc: str, resolutions: Sequence[int], verify: boo
                          f" build them with python -m preprocessing build --resolutions ...")
     absent = [t for t in needed_tasks if t not in store.tasks]
     if absent:
-        raise StoreError(f"store {storage.display(store_loc)} has no labels for {', '.join(absent)}")
+        raise StoreError(f"store {storage.display(store_loc)} has no labels for {', '.join(absent)} "
+                         f"(it labels: {', '.join(store.tasks)}); choose with --tasks")
     if verify:
         for r in resolutions:
             problems = verify_store(store_loc, resolution=int(r))

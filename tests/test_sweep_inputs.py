@@ -59,7 +59,7 @@ def closed_port() -> int:
     (["--seeds", "3-1"], "argument --seeds: range '3-1' is empty"),
     (["--seeds", "-1"], "seed: must be >= 0, got -1"),
     (["--resolutions", "32,48"], "lacks resolution(s) 48"),
-    (["--task-mode", "single", "--tasks", "Cardiomegaly,Nope"], "has no labels for Nope"),
+    (["--task-mode", "single", "--tasks", "Cardiomegaly,Nope"], "has no labels for Nope (it labels: Atelectasis,"),
     (["--task-mode", "both"], "argument --task-mode: invalid choice: 'both'"),
     (["--name", "a/b"], "--name: 'a/b' is not a valid sweep name"),
     (["--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 must be 0, a fraction"),
