@@ -192,8 +192,8 @@ class BestRun:
 
 def best_checkpoints(sweep_location: str, tasks: Sequence[str] | None = None,
                      resolutions: Sequence[int] | None = None, data=None) -> list[BestRun]:
-    """Per task and resolution the run of analysis.tables.best_runs (the highest best-epoch AUROC
-    of the sweep's main configuration) and its best checkpoint for that task. ``data``: the
+    """Per task and resolution the run of analysis.tables.best_runs (the best model's best seed, in
+    the sweep's main configuration) and its best checkpoint for that task. ``data``: the
     sweep already loaded (analysis.records.SweepData), to spare a second read."""
     from analysis.records import load_sweep
     from analysis.tables import best_runs

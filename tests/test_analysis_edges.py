@@ -80,3 +80,19 @@ def test_a_pair_without_predictions_is_listed_not_dropped(tmp_path):
     tests = comparisons.resolution_tests(data)
     assert len(tests) == 5 and tests["p_value"].isna().all()
     assert set(tests["note"]) == {"predictions missing: no test"}
+
+
+def test_best_runs_show_the_best_model_by_mean_not_a_lucky_seed():
+    """Grad-CAM's checkpoint is the best model's best seed: the model the answer names, not the
+    single highest run of a model that is worse on average."""
+    import pandas as pd
+    from analysis.tables import best_runs
+    rows = [  # (model, seed, AUROC): resnet18 has the single best run, densenet121 the best mean
+        ("resnet18", 0, 0.95), ("resnet18", 1, 0.70),
+        ("densenet121", 0, 0.88), ("densenet121", 1, 0.90),
+    ]
+    trials = pd.DataFrame([{"task_mode": "multi", "task_key": "edema", "task": "Edema", "resolution": 320,
+                            "model": m, "seed": s, "best_auroc": a, "trial_id": f"{m}-{s}"}
+                           for m, s, a in rows])
+    (best,) = best_runs(trials).to_dict("records")
+    assert (best["model"], best["seed"]) == ("densenet121", 1)
