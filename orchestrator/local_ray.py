@@ -21,7 +21,8 @@ disk. So the embedded instance gets a watchdog: a small process (``python -m
 orchestrator.local_ray watchdog``) holding a pipe from the driver and its pid. When the pipe closes
 or the pid stops naming the driver, without the driver's "done" line, the driver died: the
 watchdog ends every process that carries this run's marker (``CXR_RAY_RUN_DIR=<run dir>`` in its
-environment, inherited by all of Ray's processes of this instance, nothing else), removes the
+environment, inherited by all of Ray's processes of this instance, nothing else) or runs Ray's
+code with a file open inside the run directory (its logs are there), removes the
 token and the run directory, and exits. Its log (``<run dir>.watchdog.log``) is deleted when all
 went well and kept as the evidence when not. Run directories of earlier drivers that are gone are
 removed when the next one starts.
@@ -166,8 +167,13 @@ def remove_stale_run_dirs(base: str, prefix: str = RUN_DIR_PREFIX) -> list[str]:
 
 
 def processes_of(run_dir: str) -> list[int]:
-    """Pids of this user's processes that carry ``run_dir``'s marker in their environment."""
+    """Pids of this user's processes of the instance in ``run_dir``: those carrying its marker in
+    their environment, and Ray's own programs (our Python, Ray's binaries) holding a file open
+    inside it (their logs are there), so a process whose environment reads back empty is still
+    found, while a user's ``tail -f`` on one of those logs is not."""
     needle = f"{RUN_MARKER}={run_dir}\0".encode()
+    inside = run_dir.rstrip(os.sep) + os.sep
+    programs = _ray_programs()
     found = []
     for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -176,10 +182,40 @@ def processes_of(run_dir: str) -> list[int]:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read() + b"\0"
         except OSError:
-            continue
-        if needle in env:
+            env = b""
+        if needle in env or (_is_program(int(pid), programs) and _has_open_file_in(int(pid), inside)):
             found.append(int(pid))
     return found
+
+
+def _ray_programs() -> tuple[str, ...]:
+    """What a process of the instance runs: this Python, or a binary inside Ray's package."""
+    import importlib.util
+    places = [os.path.realpath(sys.executable)]
+    with contextlib.suppress(ImportError, ValueError, AttributeError, TypeError):
+        places += [os.path.realpath(p) + os.sep
+                   for p in importlib.util.find_spec("ray").submodule_search_locations]
+    return tuple(places)
+
+
+def _is_program(pid: int, programs: tuple[str, ...]) -> bool:
+    try:
+        exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return False
+    return any(exe == p or (p.endswith(os.sep) and exe.startswith(p)) for p in programs)
+
+
+def _has_open_file_in(pid: int, prefix: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+    return False
 
 
 def stop_processes(pids: Sequence[int], grace: float = TERM_GRACE_S) -> None:

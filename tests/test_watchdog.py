@@ -71,3 +71,25 @@ def test_done_means_no_clean_up(tmp_path):
 
 def test_the_log_sits_next_to_the_run_directory_it_outlives(tmp_path):
     assert watchdog_log_path(str(tmp_path / "cxr-ray-z") + "/") == str(tmp_path / "cxr-ray-z.watchdog.log")
+
+
+def test_a_ray_program_with_a_log_open_inside_is_found_without_the_marker(tmp_path):
+    """A process whose environment reads back without the marker is still found by what it runs
+    (this Python, or Ray's binaries) and a file it holds open in the run directory; another
+    program (a user's ``tail -f`` on a log) is not."""
+    import shutil
+    run_dir = str(tmp_path / "cxr-ray-w")
+    os.makedirs(run_dir)
+    logs = [open(os.path.join(run_dir, f"{i}.log"), "wb") for i in range(2)]
+    ours = start(SLEEPER, stdout=logs[0])
+    users = start([shutil.which("sleep"), "120"], stdout=logs[1])
+    outside = start(SLEEPER)
+    try:
+        time.sleep(0.5)
+        assert processes_of(run_dir) == [ours.pid]
+    finally:
+        for p in (ours, users, outside):
+            p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
