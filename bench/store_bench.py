@@ -124,8 +124,13 @@ VARIANTS = (
 )
 
 
+#: The machine's 1-minute load average when the bench started (a busy machine skews CPU seconds).
+LOAD_BEFORE = [float("nan")]
+
+
 def run_bench(n: int, min_size: int, max_size: int, resolutions: list[int], ray_cpus: int,
               keep: str | None) -> tuple[str, dict]:
+    LOAD_BEFORE[0] = os.getloadavg()[0]
     work = keep or tempfile.mkdtemp(prefix="cxr-bench-")
     os.makedirs(work, exist_ok=True)
     try:
@@ -191,15 +196,17 @@ def _report(n, min_size, max_size, src_bytes, resolutions, ray_cpus, results, ma
         pass
     naive_ips = n / results["naive"][1]
     lines = [
-        f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} CPUs visible (shared with other work while measured); "
+        f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} CPUs visible, 1-minute load average "
+        f"{LOAD_BEFORE[0]:.2f} before the run; "
         f"Python {platform.python_version()}, Pillow {Image.__version__}, pyarrow {pa.__version__}.",
         f"Input: {n} phantom film JPEGs (burned-in text, laterality marker, collimation edges) of "
         f"{min_size}-{max_size} px, quality 95, {src_bytes / n / 1e6:.2f} MB each; resolutions "
         f"{','.join(map(str, resolutions))}.",
         "",
         "images/s per core = images / CPU seconds of the process (wall seconds x CPUs for Ray, whose",
-        "figure includes starting Ray and its workers). PSNR: worst image of all splits against the",
-        "bit-exact store (full decode, Lanczos straight to each resolution).",
+        f"figure includes starting Ray and its workers); shards of {max(1, n // 8)} images, so that a",
+        "Ray run has work for 8 CPUs. PSNR: worst image of all splits against the bit-exact store (full",
+        "decode, Lanczos straight to each resolution).",
         "",
         "| path | cores | wall s | CPU s | images/s per core | vs naive | worst PSNR per resolution |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -210,7 +217,7 @@ def _report(n, min_size, max_size, src_bytes, resolutions, ray_cpus, results, ma
         ips = n / cpu_s
         quality = ", ".join(f"{r}: {v:.1f} dB" for r, v in worst[key].items()) if key in worst else \
             ("exact (the reference)" if key == "store-exact" else "")
-        lines.append(f"| {name} | {cores} | {wall:.1f} | {cpu_s:.1f} | {ips:.2f} | {ips / naive_ips:.1f}x | {quality} |")
+        lines.append(f"| {name} | {cores} | {wall:.1f} | {cpu_s:.1f} | {ips:.2f} | {ips / naive_ips:.2f}x | {quality} |")
     row("naive (per resolution: open, decode, Lanczos, write PNG)", "naive", 1)
     for key, label, _ in VARIANTS:
         row(label, key, 1)

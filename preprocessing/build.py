@@ -27,7 +27,8 @@ from common.schema import DEFAULT_RESOLUTIONS, MANIFEST_NAME, REJECTS_NAME, SPLI
 from preprocessing.datasets import DatasetOptions, add_dataset_arguments, load_labels, options_from_args
 from preprocessing.encoding import DEFAULT_ENCODING, ENCODINGS
 from preprocessing.manifest import FORMAT_VERSION, manifest_hash
-from preprocessing.resize import DEFAULT_DRAFT_FACTOR, DEFAULT_REDUCE_FACTOR, MAX_ASPECT_RATIO, MAX_UPSCALE
+from preprocessing.resize import (DEFAULT_DRAFT_FACTOR, DEFAULT_REDUCE_FACTOR, MAX_ASPECT_RATIO,
+                                  MAX_UPSCALE, PYRAMID_VERSION)
 from preprocessing.runner import run_in_process, run_on_ray
 # write_parquet and row_schema are part of this module's API (the store bench and tests use them).
 from preprocessing.shard import (BUILD_DIR, ShardSpec, build_shard, image_location, row_schema,  # noqa: F401
@@ -99,6 +100,7 @@ def plan_shards(rows: list[dict], out: str, image_root: str, resolutions: list[i
             key = hashlib.sha256(json.dumps(
                 {"format_version": FORMAT_VERSION, "rows": chunk, "resolutions": resolutions,
                  "encoding": encoding, "draft_factor": draft_factor, "reduce_factor": reduce_factor,
+                 "pyramid_version": PYRAMID_VERSION if reduce_factor is not None else None,
                  "tasks": tasks,
                  "degenerate_limits": [MAX_UPSCALE, MAX_ASPECT_RATIO],
                  "image_root": os.path.abspath(image_root) if not storage.is_remote(image_root) else image_root},
@@ -324,7 +326,8 @@ def build_store(image_root: str, csvs: Iterable[str], out: str,
         "resolutions": resolutions,
         "encoding": encoding,
         "resize": {"mode": "L", "filter": "lanczos", "square": "squash (whole image, no crop)",
-                   "jpeg_draft_factor": draft_factor, "bicubic_reduce_factor": reduce_factor},
+                   "jpeg_draft_factor": draft_factor, "bicubic_reduce_factor": reduce_factor,
+                   "pyramid_version": PYRAMID_VERSION if reduce_factor is not None else None},
         "splits": sorted({s.split for s in specs}),
         "shard_size": int(shard_size),
         "shards": shards,

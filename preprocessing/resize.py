@@ -43,6 +43,9 @@ DEFAULT_DRAFT_FACTOR = None
 #: resolutions use levels of PYRAMID_FACTOR x R, made when the last level exceeds PYRAMID_GAP x R.
 #: Chosen by measurement (docs/store.md): worst PSNR and images/s on films with burned-in text.
 DEFAULT_REDUCE_FACTOR = 1.75
+#: Which implementation made the bicubic levels: part of every shard's key and of the manifest, so
+#: that a store resumed after an upgrade never mixes pixels of two implementations.
+PYRAMID_VERSION = 2
 PYRAMID_FACTOR = 3.0
 PYRAMID_GAP = 3.75
 LANCZOS = Image.Resampling.LANCZOS
@@ -230,16 +233,25 @@ def _resize_rows(image: np.ndarray, rows: int) -> np.ndarray:
         pixels = torch.from_numpy(image)
     if packed:
         main = pixels if packed == width else pixels[:, :packed].contiguous()
-        # (H, W/C, C) viewed as a channels-last (1, C, H, W/C) image
-        channels = main.view(height, packed // PACKED_COLUMNS, PACKED_COLUMNS).permute(2, 0, 1)[None]
-        done = F.interpolate(channels, size=(rows, packed // PACKED_COLUMNS), mode="bicubic",
-                             antialias=True, align_corners=False)
-        out[:, :packed] = done[0].permute(1, 2, 0).reshape(rows, packed).numpy()
+        done = out if packed == width else np.empty((rows, packed), np.uint8)
+        # (H, W/C, C) is a channels-last (1, C, H, W/C) image; the kernel writes straight into
+        # ``done`` through the same view (F.interpolate would return channels-first: two copies)
+        torch.ops.aten._upsample_bicubic2d_aa.out(
+            _as_channels(main, PACKED_COLUMNS), [rows, packed // PACKED_COLUMNS], False, None, None,
+            out=_as_channels(torch.from_numpy(done), PACKED_COLUMNS))
+        if done is not out:
+            out[:, :packed] = done
     if packed != width:
         rest = pixels[:, packed:].contiguous()[None, None]
         out[:, packed:] = F.interpolate(rest, size=(rows, width - packed), mode="bicubic",
                                         antialias=True, align_corners=False)[0, 0].numpy()
     return out
+
+
+def _as_channels(plane, channels: int):
+    """A (H, W) tensor viewed as a channels-last (1, channels, H, W/channels) image."""
+    height, width = plane.shape
+    return plane.view(height, width // channels, channels).permute(2, 0, 1)[None]
 
 
 def reference_resize(data: bytes, resolution: int) -> np.ndarray:
