@@ -30,7 +30,9 @@ ray.shutdown()
 def client(address: str, home: str, token_path: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") and k not in ("CXR_RAY_RUN_DIR", "TMPDIR")}
-    env.update(HOME=home, RAY_USAGE_STATS_ENABLED="0", TMPDIR=home)
+    # Ray retries a refused connection for ~20 s; 3 attempts say the same. The admitted client runs
+    # with the same setting, so a refusal stays the token's doing.
+    env.update(HOME=home, RAY_USAGE_STATS_ENABLED="0", TMPDIR=home, RAY_gcs_server_port_wait_time_s="3")
     if token_path:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
     return subprocess.run([sys.executable, "-c", CLIENT, address], env=env, capture_output=True,

@@ -20,6 +20,16 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """One tiny CPU run of every section (each run pays a process, torch's import and a store)."""
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
+    results = tmp_path / "groups"
+    report = _run(tmp_path, "--sections", "env,store,groups,configs,loader_rates,packing_probe,mini_sweep",
+                  "--configs", "resnet18@48", "--results", str(results))
+    return report, results
+
+
 def _run(tmp_path, *args: str, timeout: float = 900) -> dict:
     out = tmp_path / "gpu_check.json"
     # Ray's socket paths must stay under 107 bytes: its run dir goes in a short folder of /tmp.
@@ -44,10 +54,9 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
-def test_tiny_cpu_run_reports_every_section(tmp_path):
-    results = tmp_path / "groups"
-    report = _run(tmp_path, "--sections", "env,store,groups,configs,loader_rates,packing_probe",
-                  "--configs", "resnet18@48", "--results", str(results))
+@pytest.mark.slow
+def test_tiny_cpu_run_reports_every_section(tiny_report):
+    report, results = tiny_report
     assert report["mode"] == "tiny" and report["device_type"] == "cpu"
     assert "fatal_error" not in report
     assert report["env"]["torch"] and report["env"]["device_name"]
@@ -85,7 +94,6 @@ def test_tiny_cpu_run_reports_every_section(tmp_path):
     assert _number(probe["packing_gain"])
 
     assert report["summary"]["problems"] == []
-    assert report["mini_sweep"] == "not requested"
 
     # a group file is a gpu_check document: orchestrator.packing reads it (and ignores CPU figures)
     from orchestrator import packing
@@ -162,8 +170,8 @@ def test_thesis_groups_and_config_syntax():
 
 
 @pytest.mark.slow
-def test_tiny_cpu_mini_sweep_pins_the_fake_gpu(tmp_path):
-    report = _run(tmp_path, "--sections", "env,store,mini_sweep")
+def test_tiny_cpu_mini_sweep_pins_the_fake_gpu(tiny_report):
+    report, _ = tiny_report
     sweep = report["mini_sweep"]
     assert "error" not in sweep, (sweep.get("error"), sweep.get("output_tail"))
     assert sweep["returncode"] == 0 and sweep["fake_gpu"] is True

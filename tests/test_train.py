@@ -217,14 +217,23 @@ def test_config_precedence_and_result_fields(tmp_path):
     assert moved.trial_id("h") == cfg.trial_id("h") != cfg.trial_id("other-store-content")
 
 
-def test_cli(tiny_phantom_store, tmp_path):
+def test_cli(tiny_phantom_store, tmp_path, capsys):
+    from common.cli import run_cli
+    from trainer.train import main
+    # --help and a bad flag in process, as __main__ calls them (each subprocess pays torch's import)
+    with pytest.raises(SystemExit) as helped:
+        run_cli(main, ["--help"], prog="trainer.train")
+    out = capsys.readouterr().out
+    assert helped.value.code == 0 and "examples:" in out and "--lr-body" in out
+    bad = run_cli(main, ["--store", tiny_phantom_store, "--task-mode", "both", "--out", str(tmp_path / "x")],
+                  prog="trainer.train")
+    err = capsys.readouterr().err
+    assert bad == 2 and err.strip().count("\n") == 0 and "--task-mode" in err, err
+    assert not os.path.exists(tmp_path / "x")
+    # the command itself, as a user runs it
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = lambda *a: subprocess.run([sys.executable, "-m", "trainer.train", *a], cwd=REPO, env=env,
                                     capture_output=True, text=True, timeout=300)
-    helped = run("--help")
-    assert helped.returncode == 0 and "examples:" in helped.stdout and "--lr-body" in helped.stdout
-    bad = run("--store", tiny_phantom_store, "--task-mode", "both", "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--task-mode" in bad.stderr
     ok = run("--store", tiny_phantom_store, "--model", "resnet18", "--resolution", "32",
              "--weights", "none", "--epochs-frozen", "1", "--epochs", "0", "--batch-studies", "8",
              "--max-train-studies", "8", "--max-valid-studies", "16", "--workers", "0", "--quiet",
