@@ -64,6 +64,36 @@ def test_worker_sigkill_is_retried_from_its_checkpoint(ray_shared, tmp_path):
     assert stable_result(TrialFolder(folder).read_result()) == stable_result(reference)
 
 
+def test_tune_itself_failing_closes_the_attempts_and_a_rerun_finishes(ray_shared, tmp_path, monkeypatch):
+    """Ray Tune raising on its own before any trial started (on a full disk it raised ``EOFError:
+    Ran out of input``): the driver survives and prints the cause, the exit code is 1 with the
+    re-run advice, no entry is left ``running`` (never-started trials stay ``pending``), and the
+    same command then finishes every trial."""
+    from ray import tune
+    store = make_tiny_store(tmp_path / "store", resolutions=(32,))
+    real_fit = tune.Tuner.fit
+
+    def broken_fit(self):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(tune.Tuner, "fit", broken_fit)
+    out = io.StringIO()
+    args = dict(resolutions=(32,), models=("resnet18",), seeds=(0, 1), config=FAST,
+                cpus_per_trial=1, progress="lines", aggregate=False)
+    res = run_small_sweep(store, tmp_path / "sweeps", "tune-fails", trial_fn=FakeTrial(), out=out, **args)
+    text = out.getvalue()
+    assert res.exit_code == 1, text
+    assert "the sweep stopped: EOFError: Ran out of input" in text and "re-run the same command" in text
+    entries = ledger.read_all(res.sweep_loc)
+    assert {e["state"] for e in entries.values()} == {"pending"} and len(entries) == 2
+
+    monkeypatch.setattr(tune.Tuner, "fit", real_fit)
+    again = run_small_sweep(store, tmp_path / "sweeps", "tune-fails", trial_fn=FakeTrial(),
+                            out=io.StringIO(), **args)
+    assert again.exit_code == 0
+    assert {e["state"] for e in ledger.read_all(res.sweep_loc).values()} == {"finished"}
+
+
 def test_ctrl_c_records_interrupted_and_gives_our_advice_only(tmp_path):
     """SIGINT to a real driver (the command line, embedded Ray, the real trainer): exit 130, the
     running trial recorded as interrupted, our re-run advice and no Tuner.restore advice."""
