@@ -80,15 +80,17 @@ def pids_using(marker: str) -> list[int]:
     return found
 
 
-def describe(pid: int, run_dir: str) -> str:
-    """A leftover process for a failure message: its command line and whether it carries the marker."""
+def describe(pid: int, run_dir: str) -> str | None:
+    """A leftover process for a failure message: its command line, whether it carries the marker,
+    its parent; None when it is gone meanwhile."""
     try:
         cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
         env = open(f"/proc/{pid}/environ", "rb").read() + b"\0"
-    except OSError as exc:
-        return f"unreadable: {exc}"
+        parent = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return None
     marked = f"{RUN_MARKER}={run_dir}\0".encode() in env
-    return f"{cmd.strip()[:120]!r} marker={marked} ppid={open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1]}"
+    return f"{cmd.strip()[:120]!r} marker={marked} ppid={parent}"
 
 
 def end_leftovers(marker: str, timeout: float = 30.0) -> None:
@@ -171,8 +173,8 @@ def test_sigkilled_driver_then_rerun(ray_files, tmp_path):
         while (pids_using(run_base) or os.path.exists(killed_run_dir)) and time.monotonic() - killed < 30:
             time.sleep(0.2)
         gone_after = time.monotonic() - killed
-        left = {pid: describe(pid, killed_run_dir) for pid in pids_using(run_base)
-                if os.path.exists(f"/proc/{pid}")}
+        left = {pid: text for pid in pids_using(run_base)
+                if (text := describe(pid, killed_run_dir)) is not None}
         watchdog_log = watchdog_log_path(killed_run_dir)
         evidence = open(watchdog_log).read() if os.path.exists(watchdog_log) else "(no watchdog log)"
     finally:
