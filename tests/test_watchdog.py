@@ -9,7 +9,7 @@ import time
 
 from orchestrator.local_ray import RUN_MARKER, processes_of, watch, watchdog_log_path
 
-SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+SLEEPER = [sys.executable, "-c", "import signal; signal.pause()"]   # waits until killed
 
 
 def start(cmd, run_dir=None, **kw):
@@ -82,7 +82,7 @@ def test_a_ray_program_with_a_log_open_inside_is_found_without_the_marker(tmp_pa
     os.makedirs(run_dir)
     logs = [open(os.path.join(run_dir, f"{i}.log"), "wb") for i in range(2)]
     ours = start(SLEEPER, stdout=logs[0])
-    users = start([shutil.which("sleep"), "120"], stdout=logs[1])
+    users = start([shutil.which("tail"), "-f", logs[1].name], stdout=subprocess.DEVNULL)
     outside = start(SLEEPER)
     try:
         time.sleep(0.5)
