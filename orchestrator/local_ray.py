@@ -314,15 +314,13 @@ def start_watchdog(run_dir: str) -> subprocess.Popen:
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def stop_watchdog(proc: subprocess.Popen, run_dir: str) -> None:
+def stop_watchdog(proc: subprocess.Popen) -> None:
+    """Tell the watchdog the driver ends normally (it then exits and removes its log)."""
     with contextlib.suppress(OSError, ValueError):
         proc.stdin.write(b"done\n")
         proc.stdin.close()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-    if proc.returncode == 0:
-        with contextlib.suppress(OSError):
-            os.remove(watchdog_log_path(run_dir))
 
 
 class _DropTuneRestoreAdvice(logging.Filter):
@@ -420,7 +418,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        stop_watchdog(watchdog, run_dir)
+        stop_watchdog(watchdog)
         with contextlib.suppress(OSError):   # the token is worthless once the instance is gone
             os.remove(os.path.join(run_dir, TOKEN_FILE))
         for key, value in saved.items():
